@@ -2,7 +2,8 @@
 
 The only module that knows TensorBoard. Callbacks describe their charts with :class:`Chart`
 (or take :data:`FAMILY_CHARTS`) and call :func:`write_layout`; figures drawn from plain numbers
-(:func:`density_figure`, :func:`profile_figure`, :func:`contour_figure`) go out through
+(built in :mod:`lightning_landscape.figures` and re-exported here: :func:`density_figure`,
+:func:`profile_figure`, :func:`contour_figure`, :func:`curve_figure`) go out through
 :func:`log_figure`. Only global rank 0 with a ``TensorBoardLogger`` writes; otherwise every
 write is skipped silently. Figures live on their own Agg canvas: pyplot is never used.
 
@@ -26,12 +27,33 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tensorboard.plugins.custom_scalar import layout_pb2
+
+from lightning_landscape.figures import (
+    contour_figure,
+    curve_figure,
+    density_figure,
+    new_figure,
+    profile_figure,
+)
+
+__all__ = [
+    "CATEGORY",
+    "FAMILY_CHARTS",
+    "Chart",
+    "contour_figure",
+    "curve_figure",
+    "density_figure",
+    "layout_dict",
+    "layout_proto",
+    "log_figure",
+    "new_figure",
+    "profile_figure",
+    "tensorboard_logger",
+    "write_layout",
+]
 
 #: Default custom-scalars category of the dashboard.
 CATEGORY = "Landscape"
@@ -238,161 +260,3 @@ def log_figure(trainer: Any, tag: str, figure: Figure, step: int) -> bool:
         return False
     writer.add_figure(tag, figure, global_step=int(step), close=True)
     return True
-
-
-def new_figure(figsize: tuple[float, float] = (5.0, 3.5)) -> tuple[Figure, Axes]:
-    """A figure with one axes on its own Agg canvas (no pyplot, no global state).
-
-    Raises:
-        ValueError: If ``figsize`` is not two positive numbers (inches).
-
-    Example::
-
-        >>> fig, ax = new_figure((4, 3))
-        >>> type(fig.canvas).__name__, fig.get_size_inches().tolist()
-        ('FigureCanvasAgg', [4.0, 3.0])
-    """
-    size = tuple(float(s) for s in figsize)
-    if len(size) != 2 or not all(np.isfinite(s) and s > 0 for s in size):
-        raise ValueError(f"figsize must be two positive numbers, got {figsize!r}")
-    figure = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure, figure.add_subplot()
-
-
-def _vector(name: str, values: Sequence[float], min_len: int = 1) -> np.ndarray:
-    array = np.asarray(values, dtype=float)
-    if array.ndim != 1 or array.size < min_len or not np.all(np.isfinite(array)):
-        raise ValueError(
-            f"{name} must be a 1-D sequence of at least {min_len} finite numbers, got {values!r}"
-        )
-    return array
-
-
-def density_figure(
-    grid: Sequence[float],
-    density: Sequence[float],
-    eigenvalues: Sequence[float] | None = None,
-    *,
-    title: str = "Hessian spectral density",
-    xlabel: str = "eigenvalue",
-) -> Figure:
-    """Spectral density on a log-y axis, with dashed markers at the top eigenvalues.
-
-    Args:
-        grid: Eigenvalue grid (at least two points).
-        density: Non-negative density on ``grid``; zeros are clipped on the log axis.
-        eigenvalues: Optional top eigenvalues, one vertical dashed line each.
-        title: Axes title.
-        xlabel: x-axis label.
-
-    Raises:
-        ValueError: If lengths differ, values are not finite, or the density is negative or
-            all zero.
-
-    Example::
-
-        >>> fig = density_figure([0, 1, 2], [0.1, 1.0, 0.1], eigenvalues=[1.9, 1.2])
-        >>> len(fig.axes[0].lines), fig.axes[0].get_yscale()
-        (3, 'log')
-    """
-    x = _vector("grid", grid, min_len=2)
-    y = _vector("density", density, min_len=2)
-    if x.shape != y.shape:
-        raise ValueError(f"density must have len(grid)={x.size} values, got {y.size}")
-    if np.any(y < 0) or not np.any(y > 0):
-        raise ValueError(f"density must be non-negative and not all zero, got {density!r}")
-    figure, ax = new_figure()
-    ax.plot(x, y, color="C0", label="density")
-    ax.set_yscale("log", nonpositive="clip")
-    ax.set_ylim(bottom=max(y[y > 0].min(), y.max() * 1e-12))
-    if eigenvalues is not None:
-        marks = _vector("eigenvalues", eigenvalues, min_len=0)
-        for i, value in enumerate(marks):
-            ax.axvline(value, color="C3", ls="--", lw=0.8, label="top-k" if i == 0 else None)
-        ax.legend(loc="best", fontsize="small")
-    ax.set(title=title, xlabel=xlabel, ylabel="density")
-    return figure
-
-
-def profile_figure(
-    labels: Sequence[str],
-    values: Sequence[float],
-    *,
-    title: str = "Sample variance by layer",
-    ylabel: str = "fraction",
-    xlabel: str = "layer",
-    log_y: bool = False,
-) -> Figure:
-    """A per-layer profile: one marked line over the layer index, ticks named by layer.
-
-    Args:
-        labels: Layer names, in depth order.
-        values: One finite value per layer (positive if ``log_y``).
-        title: Axes title.
-        ylabel: y-axis label.
-        xlabel: x-axis label.
-        log_y: Log-scale y axis.
-
-    Raises:
-        ValueError: If lengths differ or values are not finite (or not positive with log_y).
-
-    Example::
-
-        >>> fig = profile_figure(["fc1", "fc2", "fc3"], [1.0, 0.5, 0.25])
-        >>> fig.axes[0].lines[0].get_xydata().tolist()
-        [[0.0, 1.0], [1.0, 0.5], [2.0, 0.25]]
-    """
-    y = _vector("values", values)
-    names = [str(label) for label in labels]
-    if len(names) != y.size:
-        raise ValueError(f"labels must have len(values)={y.size} entries, got {len(names)}")
-    if log_y and np.any(y <= 0):
-        raise ValueError(f"values must be positive with log_y=True, got {values!r}")
-    figure, ax = new_figure()
-    index = np.arange(y.size, dtype=float)
-    ax.plot(index, y, marker="o", color="C0")
-    tilt = y.size > 4
-    ax.set_xticks(index, names, rotation=45 if tilt else 0, ha="right" if tilt else "center")
-    if log_y:
-        ax.set_yscale("log")
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    return figure
-
-
-def contour_figure(
-    x: Sequence[float],
-    y: Sequence[float],
-    values: Sequence[Sequence[float]],
-    *,
-    title: str = "Loss landscape",
-    levels: int = 20,
-) -> Figure:
-    """Filled contour of a 2-D grid, e.g. the loss on two filter-normalised directions.
-
-    Args:
-        x: Coordinates along the first direction (columns of ``values``), at least two.
-        y: Coordinates along the second direction (rows of ``values``), at least two.
-        values: ``len(y) x len(x)`` grid of finite values.
-        title: Axes title.
-        levels: Number of contour levels, at least 2.
-
-    Raises:
-        ValueError: If shapes disagree, values are not finite, or ``levels < 2``.
-    """
-    xs = _vector("x", x, min_len=2)
-    ys = _vector("y", y, min_len=2)
-    z = np.asarray(values, dtype=float)
-    if z.shape != (ys.size, xs.size) or not np.all(np.isfinite(z)):
-        raise ValueError(
-            f"values must be a finite (len(y), len(x))=({ys.size}, {xs.size}) grid, "
-            f"got shape {z.shape}"
-        )
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
-    figure, ax = new_figure((5.0, 4.0))
-    filled = ax.contourf(xs, ys, z, levels=levels, cmap="viridis")
-    ax.contour(xs, ys, z, levels=levels, colors="k", linewidths=0.3)
-    figure.colorbar(filled, ax=ax)
-    ax.set(title=title, xlabel="direction 1", ylabel="direction 2")
-    return figure

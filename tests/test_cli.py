@@ -128,6 +128,12 @@ def _two_step_args(tmp_path: Path) -> list[str]:
     ]
 
 
+def _last_variant(config: dict) -> dict:
+    """The config of the run ``main`` returns: the last variant's, if there are variants."""
+    variants = cli.variant_configs(config)
+    return list(variants.values())[-1] if variants else config
+
+
 def _check_run(result: cli.LightningCLI | None, config: dict, tmp_path: Path, name: str) -> None:
     assert result is not None
     trainer = result.trainer
@@ -147,12 +153,14 @@ def test_recipe_runs_two_steps_without_callbacks(path: Path, tmp_path: Path) -> 
     """Every recipe parses, instantiates and trains (callbacks stripped)."""
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
     config["trainer"].pop("callbacks", None)
+    for variant in (config.get("variants") or {}).values():
+        variant.get("trainer", {}).pop("callbacks", None)
     stripped = tmp_path / path.name
     stripped.write_text(yaml.safe_dump(config), encoding="utf-8")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = main(["fit", "--config", str(stripped), *_two_step_args(tmp_path)])
-    _check_run(result, config, tmp_path, path.stem)
+    _check_run(result, _last_variant(config), tmp_path, path.stem)
     # an `optimizer:` entry replaces configure_optimizers silently (it is what it is for)
     assert not [w for w in caught if "will be overridden" in str(w.message)]
 
@@ -163,10 +171,76 @@ def test_recipe_runs_two_steps_without_callbacks(path: Path, tmp_path: Path) -> 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=RECIPE_NAMES)
 def test_recipe_runs_two_steps(path: Path, tmp_path: Path) -> None:
     """``fit --recipe NAME`` runs 2 steps with the recipe's callbacks attached."""
-    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    config = _last_variant(yaml.safe_load(path.read_text(encoding="utf-8")))
     result = main(["fit", "--recipe", path.stem, *_two_step_args(tmp_path)])
     _check_run(result, config, tmp_path, path.stem)
     assert result is not None
     wanted = [c["class_path"].rpartition(".")[2] for c in config["trainer"].get("callbacks", [])]
     attached = [type(c).__name__ for c in result.trainer.callbacks]
     assert all(name in attached for name in wanted)
+
+
+def _variants_recipe(tmp_path: Path) -> Path:
+    config = yaml.safe_load((REPO_RECIPES / "quickstart.yaml").read_text(encoding="utf-8"))
+    config["trainer"].pop("callbacks", None)
+    config["variants"] = {
+        "narrow": {"model": {"init_args": {"net": {"init_args": {"width": 8}}}}},
+        "wide": {"model": {"init_args": {"net": {"init_args": {"width": 16}}, "lr": 0.02}}},
+    }
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_merge_config_merges_mappings_and_replaces_the_rest() -> None:
+    base = {"a": {"x": 1, "l": [1, 2]}, "b": "keep"}
+    merged = cli.merge_config(base, {"a": {"l": [3], "y": 2}})
+    assert merged == {"a": {"x": 1, "l": [3], "y": 2}, "b": "keep"}
+    assert base == {"a": {"x": 1, "l": [1, 2]}, "b": "keep"}  # inputs untouched
+
+
+def test_variant_configs_set_the_logger_version_and_reject_bad_entries(tmp_path: Path) -> None:
+    config = yaml.safe_load(_variants_recipe(tmp_path).read_text(encoding="utf-8"))
+    variants = cli.variant_configs(config)
+    assert list(variants) == ["narrow", "wide"]
+    wide = variants["wide"]
+    assert "variants" not in wide
+    assert wide["model"]["init_args"]["net"]["init_args"] == {
+        **config["model"]["init_args"]["net"]["init_args"], "width": 16,
+    }  # fmt: skip
+    assert wide["model"]["init_args"]["lr"] == 0.02
+    assert wide["trainer"]["logger"]["init_args"]["version"] == "wide"
+    assert cli.variant_configs({"trainer": {}}) == {}
+    with pytest.raises(ValueError, match="`variants` must be a non-empty mapping"):
+        cli.variant_configs({"variants": []})
+    with pytest.raises(ValueError, match="`variants` entries must map a name"):
+        cli.variant_configs({"variants": {"a": 3}})
+
+
+def test_variants_run_one_after_another_side_by_side(tmp_path: Path) -> None:
+    path = _variants_recipe(tmp_path)
+    result = main(["fit", "--config", str(path), *_two_step_args(tmp_path)])
+    assert result is not None and result.trainer.global_step == 2
+    runs = tmp_path / "quickstart"
+    assert sorted(p.name for p in runs.iterdir()) == ["narrow", "wide"]
+    for name, width in (("narrow", 8), ("wide", 16)):
+        saved = yaml.safe_load((runs / name / "config.yaml").read_text(encoding="utf-8"))
+        assert saved["model"]["init_args"]["net"]["init_args"]["width"] == width
+        assert any((runs / name).glob("events.out.tfevents.*"))
+    # the last run is the one returned
+    assert result.model.net.layers[0].out_features == 16
+
+
+def test_variant_flag_picks_one_and_names_unknown_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _variants_recipe(tmp_path)
+    result = main(["fit", "--config", str(path), "--variant", "narrow", *_two_step_args(tmp_path)])
+    assert result is not None and result.model.net.layers[0].out_features == 8
+    assert [p.name for p in (tmp_path / "quickstart").iterdir()] == ["narrow"]
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(path), "--variant=huge"])
+    assert "unknown `--variant` 'huge'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--recipe", "quickstart", "--variant", "x"])
+    assert "no config has `variants:`" in capsys.readouterr().err
