@@ -156,7 +156,7 @@ def test_recipe_runs_two_steps_without_callbacks(path: Path, tmp_path: Path) -> 
     for variant in (config.get("variants") or {}).values():
         variant.get("trainer", {}).pop("callbacks", None)
     stripped = tmp_path / path.name
-    stripped.write_text(yaml.safe_dump(config), encoding="utf-8")
+    stripped.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = main(["fit", "--config", str(stripped), *_two_step_args(tmp_path)])

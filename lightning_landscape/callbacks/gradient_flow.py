@@ -1,0 +1,400 @@
+"""``GradientFlowDeviation``: does the optimizer still follow the gradient flow it discretises?"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from lightning_landscape import panels
+from lightning_landscape.callbacks.base import MeasureContext, MeasurementCallback
+from lightning_landscape.callbacks.shared import SolveRequest
+from lightning_landscape.measures.gradient_flow import (
+    RK4_STABILITY,
+    Flow,
+    step_gap,
+    substeps_for,
+    window_deviation,
+)
+from lightning_landscape.measures.guard import BNMode
+from lightning_landscape.measures.operators import ProbeHessian, flatten
+from lightning_landscape.measures.sharpness import lambda_max, preconditioned_lambda_max
+from lightning_landscape.optim import ARSG, RSG, NovoGrad
+from lightning_landscape.optim.stability import stability_of
+
+__all__ = ["GradientFlowDeviation", "effective_scale", "optimizer_flow"]
+
+_WINDOW = ("start", "inverse", "coupled", "decoupled")
+
+
+def effective_scale(optimizer: torch.optim.Optimizer) -> float | None:
+    """``κ``: one step of learning rate ``η`` is an Euler step of the flow of length ``κη``.
+
+    ``κ`` is the steady-state ratio of the update direction to the gradient (constant
+    gradient, momentum buffers converged): SGD heavy ball ``(1−d)/(1−β)``, Nesterov
+    ``1/(1−β)``, plain SGD, Adam/AdamW (bias-corrected), RSG and ARSG ``1``, NovoGrad
+    ``s/(1−β1)``. ``None`` for an optimizer without a known rule, SGD with ``d = 1``, or param
+    groups that disagree on these hyperparameters.
+    """
+    groups = optimizer.param_groups
+    if isinstance(optimizer, torch.optim.SGD):
+        keys = {(g.get("momentum", 0), g.get("dampening", 0), g.get("nesterov", 0)) for g in groups}
+        beta, damp, nesterov = (float(k) for k in keys.pop())
+        if keys or damp >= 1.0 and beta > 0.0:
+            return None
+        return 1.0 / (1.0 - beta) if nesterov else (1.0 - damp * (beta > 0)) / (1.0 - beta)
+    if isinstance(optimizer, (torch.optim.Adam, RSG, ARSG)):
+        return 1.0
+    if isinstance(optimizer, NovoGrad):  # m ← β1 m + s(g/P + dθ): m → s(g/P + dθ)/(1−β1)
+        betas = {(float(g["betas"][0]), bool(g["grad_averaging"])) for g in groups}
+        beta1, averaging = betas.pop()
+        return None if betas else (1.0 if averaging else 1.0 / (1.0 - beta1))
+    return None
+
+
+def _bias(optimizer: torch.optim.Optimizer, group: dict[str, Any], state: dict[str, Any]) -> float:
+    """Factor turning the registry's ``P`` into the flow's: undo explicit bias corrections."""
+    t = float(state.get("step", 0))
+    if t <= 0:
+        return 1.0
+    beta1 = float(group["betas"][0]) if "betas" in group else 0.0
+    if isinstance(optimizer, torch.optim.Adam):  # P = (1−β1^t)(...): m/(1−β1^t) ≈ g
+        return 1.0 / (1.0 - beta1**t)
+    if isinstance(optimizer, ARSG) and not group["amsgrad"]:  # P = (...)/k_t
+        mu = float(group["observation"])
+        return (1.0 - mu) / (1.0 - beta1**t) + mu
+    return 1.0
+
+
+def optimizer_flow(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
+) -> tuple[Flow | None, str] | None:
+    """The flow ``optimizer`` discretises on ``params`` at its current state: ``(flow, rule)``.
+
+    ``P`` is :func:`~lightning_landscape.optim.stability.stability_of`'s (other groups' lr folded
+    in) with explicit bias corrections undone; weight decay is coupled (L2: SGD, Adam, RSG,
+    ARSG) or decoupled (AdamW, NovoGrad). ``flow`` is ``None`` while ``P`` is not available
+    (Adam before its first step); ``None`` is returned when no rule is known.
+    """
+    stab = stability_of(optimizer, params)
+    if stab is None or effective_scale(optimizer) is None:
+        return None
+    if stab.preconditioned and stab.preconditioner is None:
+        return None, stab.rule
+    eta_ref = float(optimizer.param_groups[0]["lr"])
+    owner = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    diag, coupled, decoupled = [], [], []
+    for i, p in enumerate(params):
+        g = owner.get(id(p))
+        wd = 0.0 if g is None else float(g.get("weight_decay", 0.0))
+        ratio = 0.0 if g is None else float(g["lr"]) / eta_ref
+        decoupled_kind = g is not None and (
+            isinstance(optimizer, NovoGrad)
+            or isinstance(optimizer, torch.optim.Adam)
+            and bool(g.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+        )
+        c_val, d_val = (0.0, wd * ratio) if decoupled_kind else (wd, 0.0)
+        coupled.append(torch.full((p.numel(),), c_val, dtype=torch.float64, device=p.device))
+        decoupled.append(torch.full((p.numel(),), d_val, dtype=torch.float64, device=p.device))
+        if stab.preconditioner is not None:
+            factor = 1.0 if g is None else _bias(optimizer, g, optimizer.state.get(p, {}))
+            diag.append(stab.preconditioner[i].detach().reshape(-1).double() * factor)
+    c, d = torch.cat(coupled), torch.cat(decoupled)
+    flow = Flow(
+        inverse=torch.cat(diag).reciprocal() if diag else None,
+        coupled=c if bool(c.any()) else None,
+        decoupled=d if bool(d.any()) else None,
+    )
+    return flow, stab.rule
+
+
+def _is_int(value: Any, lo: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo
+
+
+@dataclass
+class _Window:
+    start: int
+    times: list[float] = field(default_factory=list)
+
+
+class GradientFlowDeviation(MeasurementCallback):
+    """Log how far the optimizer strays from the gradient flow of the probe loss.
+
+    Logged under ``landscape/gradient_flow/``:
+
+    - ``step_gap`` at the measured steps (cadence as for every measurement callback):
+      ``(η/2)‖JF‖/‖F‖``, the first-order relative distance between one optimizer step and the
+      flow over the same time (``(η/2)‖Hg‖/‖g‖`` for GD; see
+      :mod:`lightning_landscape.measures.gradient_flow`). Cost: 1 probe gradient + 1 HVP.
+    - with ``window = k > 0``: every ``window_every_n_steps`` steps ``θ_s`` is snapshotted (in
+      the checkpointed callback state); ``k`` steps later the flow is integrated from ``θ_s``
+      by RK4 for the time ``T`` = the sum of the effective learning rates of those steps, with
+      sub-steps ``h ≤ rk4_c/λ`` (``λ`` = the larger of the warm-started λ_max at ``θ_s`` and at
+      ``θ_{s+k}``, of ``P^{-1/2}HP^{-1/2}`` for preconditioned optimizers, plus weight decay),
+      and ``deviation`` = ``‖θ_{s+k} − θ_flow‖ / ‖θ_flow − θ_s‖`` and ``window_steps`` = ``k``
+      are logged at step ``s+k``. Cost: ``4n`` probe gradients for ``n = ceil(Tλ/rk4_c)``
+      sub-steps (about ``4·2k/rk4_c`` at the edge of stability of GD) plus two λ_max solves
+      (one shared with ``Sharpness`` when it measures at the same step). It runs inside the
+      guard like every measurement and is charged to this callback's time budget.
+
+    Which flow. ``η`` is the optimizer's current learning rate ``param_groups[0]["lr"]``
+    (recorded at every step of a window). The flow is ``dθ/dt = −P⁻¹(∇L + c⊙θ) − d⊙θ`` with
+    ``P`` the diagonal preconditioner of :mod:`lightning_landscape.optim.stability` (Adam's
+    bias corrections undone; frozen at the snapshot for a window) and ``c``/``d`` the coupled
+    / decoupled weight decay. *Momentum is read as a longer step*: in steady state (constant
+    gradient) torch's heavy ball moves ``lr·(1−dampening)/(1−β)`` per step and Nesterov
+    ``lr/(1−β)``, so they are compared with the flow for that *effective* step (in ``T`` and
+    in ``η`` of ``step_gap``); comparing with time ``lr`` would report a meaningless ``≈β/(1−β)``
+    (9 for β = 0.9). The lag of the momentum buffer behind the gradient then shows in the
+    deviation. An optimizer without a known rule is compared with the plain flow for time
+    ``lr`` (one warning).
+
+    Caveats: ``step_gap`` is first order: for ``z = ηλ ≫ 1`` it grows like ``z/2`` while the
+    true gap saturates near 1. Under mini-batch training ``θ_{s+k}`` also carries the batches'
+    gradient noise, which the deviation then contains too (exact for full-batch GD on the
+    probe); with ``bn="eval"`` the flow uses running BatchNorm statistics, training batch ones.
+
+    Args:
+        every_n_steps, schedule, max_overhead, probe_size, probe_batch_size, probe_dataloader,
+            bn, dropout, seed: as for :class:`~lightning_landscape.callbacks.Sharpness` (the
+            cadence is that of ``step_gap``).
+        window: steps ``k`` per deviation window (``0``: no windows).
+        window_every_n_steps: start a window at every multiple of this (``>= window``;
+            required when ``window > 0``).
+        rk4_c: RK4 sub-step bound ``h·λ ≤ rk4_c``, in ``(0, 2.78]``.
+        max_iter, tol: Lanczos cap and tolerance of the λ_max solves (they only size RK4 steps).
+        max_substeps: skip a window (with a warning) that would need more RK4 sub-steps.
+
+    Example::
+
+        >>> cb = GradientFlowDeviation(every_n_steps=10, window=5, window_every_n_steps=50)
+        >>> GradientFlowDeviation(window=5)
+        Traceback (most recent call last):
+        ...
+        ValueError: `window_every_n_steps` must be a positive integer >= `window` (5) when `window` > 0, got None
+    """
+
+    family = "gradient_flow"
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        schedule: Callable[[int], bool] | None = None,
+        max_overhead: float = 0.025,
+        probe_size: int = 1024,
+        probe_batch_size: int = 256,
+        probe_dataloader: Any = None,
+        window: int = 0,
+        window_every_n_steps: int | None = None,
+        rk4_c: float = 1.0,
+        max_iter: int = 20,
+        tol: float = 1e-2,
+        max_substeps: int = 10_000,
+        bn: BNMode = "eval",
+        dropout: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            every_n_steps=every_n_steps,
+            schedule=schedule,
+            max_overhead=max_overhead,
+            probe_size=probe_size,
+            probe_batch_size=probe_batch_size,
+            probe_dataloader=probe_dataloader,
+            bn=bn,
+            dropout=dropout,
+            seed=seed,
+        )
+        if not _is_int(window, 0):
+            raise ValueError(f"`window` must be an integer >= 0, got {window!r}")
+        if window > 0 and not _is_int(window_every_n_steps, max(window, 1)):
+            raise ValueError(
+                f"`window_every_n_steps` must be a positive integer >= `window` ({window}) "
+                f"when `window` > 0, got {window_every_n_steps!r}"
+            )
+        if window == 0 and window_every_n_steps is not None:
+            raise ValueError(
+                f"`window_every_n_steps` needs `window` > 0, got {window_every_n_steps!r}"
+            )
+        ok = isinstance(rk4_c, (int, float)) and not isinstance(rk4_c, bool)
+        if not (ok and 0.0 < rk4_c <= RK4_STABILITY):
+            raise ValueError(f"`rk4_c` must be a number in (0, {RK4_STABILITY}], got {rk4_c!r}")
+        for name, value in (("max_iter", max_iter), ("max_substeps", max_substeps)):
+            if not _is_int(value, 1):
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+            raise ValueError(f"`tol` must be a positive number, got {tol!r}")
+        self.window = window
+        self.window_every_n_steps = window_every_n_steps
+        self.rk4_c = float(rk4_c)
+        self.max_iter = max_iter
+        self.tol = float(tol)
+        self.max_substeps = max_substeps
+        self._window: _Window | None = None
+        self._gap_now = False
+        self._end_now = False
+
+    @override
+    def charts(self) -> list[panels.Chart]:
+        return list(panels.FAMILY_CHARTS["gradient_flow"])
+
+    # -- the optimizer's flow ------------------------------------------------------------------
+    def _flow(
+        self, optimizer: torch.optim.Optimizer | None, params: list[torch.Tensor]
+    ) -> Flow | None:
+        """The flow to compare with (``None``: not available yet), warning once if unknown."""
+        rule = None if optimizer is None else optimizer_flow(optimizer, params)
+        if rule is None:
+            self.warn_once(
+                f"GradientFlowDeviation: no flow rule is known for {type(optimizer).__name__}; "
+                "comparing with the plain gradient flow dθ/dt = −∇L for time lr."
+            )
+            return Flow()
+        if rule[0] is None:
+            self.warn_once(
+                "GradientFlowDeviation: the optimizer has no state yet (before its first step), "
+                "so its preconditioned flow is not known; measuring from the next step on."
+            )
+        return rule[0]
+
+    def _step(self, optimizer: torch.optim.Optimizer | None) -> float:
+        """The effective learning rate ``κ·lr`` of the optimizer's next step."""
+        lr = 0.0 if optimizer is None else float(optimizer.param_groups[0]["lr"])
+        return lr * ((optimizer and effective_scale(optimizer)) or 1.0)
+
+    # -- measuring -----------------------------------------------------------------------------
+    @override
+    def measure(self, ctx: MeasureContext) -> dict[str, float]:
+        out: dict[str, float] = {}
+        op = ctx.operator()
+        if self._gap_now:
+            flow = self._flow(ctx.optimizer, op.parameters)
+            eta = self._step(ctx.optimizer)
+            if flow is not None:
+                out["step_gap"] = step_gap(op, eta, flow=flow).value if eta > 0 else 0.0
+        if self._end_now and self._window is not None:
+            out.update(self._finish(ctx, op))
+        return out
+
+    def _lambda(self, ctx: MeasureContext, op: ProbeHessian, flow: Flow, at_start: bool) -> float:
+        """Warm-started λ_max of ``H`` (or ``P^-1/2 H P^-1/2``) at the operator's point."""
+        key = "window_lanczos"
+        warm = self.vectors.get(key)
+        if flow.inverse is None and not at_start:
+            est = ctx.top_k(SolveRequest(k=1, max_iter=self.max_iter, tol=self.tol))
+        elif flow.inverse is None:
+            est = lambda_max(
+                op, warm_start=warm, max_iter=self.max_iter, tol=self.tol, seed=self.seed
+            )
+        else:
+            diag = flow.inverse.to(device=op.device, dtype=op.dtype).reciprocal()
+            est = preconditioned_lambda_max(
+                op, diag, warm_start=warm, max_iter=self.max_iter, tol=self.tol, seed=self.seed
+            )
+        self.vectors[key] = est.eigenvectors.detach().cpu()
+        return est.lambda_max
+
+    def _finish(self, ctx: MeasureContext, op: ProbeHessian) -> dict[str, float]:
+        assert self._window is not None
+        v = {name: self.vectors.get(f"window_{name}") for name in _WINDOW}
+        device = op.device
+        start = v["start"].to(device)  # type: ignore[union-attr]
+        flow = Flow(*(None if v[n] is None else v[n].to(device) for n in _WINDOW[1:]))  # type: ignore[union-attr]
+        time = math.fsum(self._window.times)
+        end = op.vector()
+        lam = self._lambda(ctx, op, flow, at_start=False)
+        op.set_vector(start.to(op.dtype))
+        try:
+            lam = max(lam, self._lambda(ctx, op, flow, at_start=True))
+        finally:
+            op.set_vector(end)
+        rate = flow.rate(lam)
+        if substeps_for(time, rate, self.rk4_c) > self.max_substeps:
+            self.warn_once(
+                f"GradientFlowDeviation: a window needs more than max_substeps="
+                f"{self.max_substeps} RK4 sub-steps (time {time:g}, λ {rate:g}); skipped."
+            )
+            return {}
+        result = window_deviation(
+            op, start=start, end=end, time=time, rate=rate, c=self.rk4_c, flow=flow
+        )
+        return {"deviation": result.deviation, "window_steps": float(len(self._window.times))}
+
+    # -- windows -------------------------------------------------------------------------------
+    def _open(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params: list[torch.Tensor] = [p for p in pl_module.parameters() if p.requires_grad]
+        flow = self._flow(trainer.optimizers[0] if trainer.optimizers else None, params)
+        if flow is None:
+            return  # P not available yet: the next window start will try again
+        self.vectors["window_start"] = flatten([p.detach() for p in params]).cpu().clone()
+        for name, t in zip(_WINDOW[1:], (flow.inverse, flow.coupled, flow.decoupled)):
+            if t is not None:
+                self.vectors[f"window_{name}"] = t.detach().cpu()
+        self._window = _Window(start=trainer.global_step)
+
+    def _close(self) -> None:
+        self._window = None
+        self.vectors = {k: v for k, v in self.vectors.items() if k[7:] not in _WINDOW}
+
+    def _starts_at(self, step: int) -> bool:
+        every = self.window_every_n_steps
+        return self.window > 0 and every is not None and step % every == 0
+
+    # -- hooks ---------------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._gap_now, self._end_now = True, False
+        super().on_train_start(trainer, pl_module)
+        if self._active(trainer) and self._window is None and self._starts_at(trainer.global_step):
+            self._open(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._window is not None and trainer.optimizers and optimizer is trainer.optimizers[0]:
+            self._window.times.append(self._step(optimizer))
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        if not self._active(trainer) or self.probe is None or step == self._last_step:
+            return  # no optimizer step happened (gradient accumulation) or nothing to do
+        self._last_step = step
+        self._gap_now = self.is_due(trainer, step)
+        window = self._window
+        self._end_now = window is not None and step >= window.start + self.window
+        if self._gap_now or self._end_now:
+            self._measure(trainer, pl_module)
+        if self._end_now:
+            self._close()
+        if self._window is None and self._starts_at(step):
+            self._open(trainer, pl_module)
+
+    # -- checkpointing -------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        w = self._window
+        state["window"] = None if w is None else {"start": w.start, "times": list(w.times)}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        w = state_dict.get("window")
+        self._window = None if w is None else _Window(int(w["start"]), list(w["times"]))
