@@ -1,11 +1,15 @@
 """Lightning callbacks: thin shells that schedule, guard, reduce and log measurements."""
 
 from lightning_landscape.callbacks.base import MeasureContext, MeasurementCallback
+from lightning_landscape.callbacks.gradient_flow import GradientFlowDeviation
 from lightning_landscape.callbacks.hessian import HessianEigenvalues
+from lightning_landscape.callbacks.kfac import KFAC
 from lightning_landscape.callbacks.observation_boost import ObservationBoost
 from lightning_landscape.callbacks.sharpness import Sharpness
 
 __all__ = [
+    "KFAC",
+    "GradientFlowDeviation",
     "HessianEigenvalues",
     "MeasureContext",
     "MeasurementCallback",

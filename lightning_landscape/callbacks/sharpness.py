@@ -13,7 +13,7 @@ from lightning_landscape import panels
 from lightning_landscape.callbacks.base import MeasureContext, MeasurementCallback
 from lightning_landscape.callbacks.shared import SolveRequest
 from lightning_landscape.measures.guard import BNMode
-from lightning_landscape.measures.operators import flatten
+from lightning_landscape.measures.operators import flatten, unflatten
 from lightning_landscape.measures.sharpness import preconditioned_lambda_max, rho_sharpness
 from lightning_landscape.optim.stability import stability_of
 
@@ -27,7 +27,8 @@ class Sharpness(MeasurementCallback):
     eigenvalue, warm-started Lanczos), ``residual`` (its ``‖Hv − λv‖/|λ|``), ``threshold`` (the
     stability threshold of ``trainer.optimizers[0]``, from
     :mod:`lightning_landscape.optim.stability`), ``preconditioned`` (λ_max(P^{-1/2} H P^{-1/2})
-    for diagonally preconditioned optimizers such as Adam), ``ratio`` (``preconditioned`` — or
+    for preconditioned optimizers: diagonal such as Adam, or K-FAC's Kronecker blocks when a
+    :class:`~lightning_landscape.callbacks.kfac.KFAC` callback drives the optimizer), ``ratio`` (``preconditioned`` — or
     ``lambda_max`` for unpreconditioned optimizers — divided by ``threshold``), ``rho``
     (ρ-sharpness when ``rho`` is set) and ``skipped``. ``ratio`` also shows in the progress bar.
 
@@ -160,7 +161,20 @@ class Sharpness(MeasurementCallback):
                 "(register one with lightning_landscape.optim.register_stability)."
             )
         elif self.preconditioned is not False and stab.preconditioned:
-            if stab.preconditioner is None:
+            if stab.inverse_sqrt is not None:  # a non-diagonal P (K-FAC)
+                apply = stab.inverse_sqrt
+                params = op.parameters
+                pre = preconditioned_lambda_max(
+                    op,
+                    lambda v: flatten(apply(unflatten(v, params))),
+                    warm_start=self.vectors.get("preconditioned"),
+                    max_iter=self.max_iter,
+                    tol=self.tol,
+                    seed=self.seed,
+                )
+                self.vectors["preconditioned"] = pre.eigenvectors.detach().cpu()
+                sharp = out["preconditioned"] = pre.lambda_max
+            elif stab.preconditioner is None:
                 self.warn_once(
                     "Sharpness: the optimizer has no state yet (before its first step), so the "
                     "preconditioned sharpness and the ratio start at the next measurement."

@@ -45,6 +45,7 @@ from lightning_landscape.measures.probe import Probe
 __all__ = [
     "HvpMethod",
     "LossFn",
+    "MatrixPreconditionedOperator",
     "NonFiniteError",
     "PreconditionedOperator",
     "ProbeHessian",
@@ -303,3 +304,48 @@ class PreconditionedOperator(CurvatureOperator):
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self.scale * self.operator.matvec(self.scale * v)
+
+
+class MatrixPreconditionedOperator(CurvatureOperator):
+    """``u ↦ S H S u`` with ``S = P^{-1/2}`` of a symmetric positive definite ``P`` (any matrix).
+
+    The non-diagonal counterpart of :class:`PreconditionedOperator` (K-FAC's Kronecker blocks):
+    its eigenvalues are those of ``P^{-1} H``. ``S`` comes as a function on flat vectors and
+    must be linear and symmetric (not checked).
+
+    Args:
+        operator: the Hessian operator ``H``.
+        inverse_sqrt: ``v ↦ P^{-1/2} v`` on flat vectors in the operator's parameter order.
+    """
+
+    def __init__(
+        self, operator: CurvatureOperator, inverse_sqrt: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
+        if not callable(inverse_sqrt):
+            raise ValueError(f"`inverse_sqrt` must be callable, got {inverse_sqrt!r}")
+        self.operator = operator
+        self.inverse_sqrt = inverse_sqrt
+
+    @property
+    def size(self) -> int:
+        return self.operator.size
+
+    @property
+    def device(self) -> torch.device:
+        return self.operator.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.operator.dtype
+
+    def _apply(self, v: torch.Tensor) -> torch.Tensor:
+        out = self.inverse_sqrt(v)
+        if out.shape != v.shape:
+            raise ValueError(
+                f"`inverse_sqrt` must return a vector of shape {tuple(v.shape)}, "
+                f"got {tuple(out.shape)}"
+            )
+        return out.to(device=self.device, dtype=self.dtype)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self._apply(self.operator.matvec(self._apply(v)))

@@ -3,7 +3,8 @@
 - :func:`lambda_max` — the largest *algebraic* Hessian eigenvalue (warm-started Lanczos).
 - :func:`preconditioned_lambda_max` — λ_max(P^{-1/2} H P^{-1/2}) for a diagonal preconditioner
   ``P`` (the quantity that equilibrates at the stability threshold for Adam-like methods,
-  Cohen et al. 2022, arXiv:2207.14484).
+  Cohen et al. 2022, arXiv:2207.14484), or for any ``P`` given by the map ``v ↦ P^{-1/2} v``
+  (K-FAC).
 - :func:`rho_sharpness` — ``max_{‖δ‖ ≤ ρ} L(θ+δ) − L(θ)`` (SAM, arXiv:2010.01412) by a few
   projected normalised-gradient ascent steps; ``adaptive=True`` measures the ball in the
   coordinates ``δ / T`` with ``T = |θ| + offset`` (ASAM, arXiv:2102.11600), which makes the
@@ -25,18 +26,23 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from lightning_landscape.measures.eigen import EigenEstimate, top_eigen
-from lightning_landscape.measures.operators import PreconditionedOperator, ProbeHessian
+from lightning_landscape.measures.operators import (
+    MatrixPreconditionedOperator,
+    PreconditionedOperator,
+    ProbeHessian,
+)
 
 __all__ = ["RhoSharpness", "lambda_max", "preconditioned_lambda_max", "rho_sharpness"]
 
 
 def lambda_max(
-    operator: ProbeHessian | PreconditionedOperator,
+    operator: ProbeHessian | PreconditionedOperator | MatrixPreconditionedOperator,
     *,
     warm_start: torch.Tensor | None = None,
     max_iter: int = 20,
@@ -49,15 +55,20 @@ def lambda_max(
 
 def preconditioned_lambda_max(
     operator: ProbeHessian,
-    diagonal: torch.Tensor,
+    diagonal: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
     *,
     warm_start: torch.Tensor | None = None,
     max_iter: int = 20,
     tol: float = 1e-3,
     seed: int = 0,
 ) -> EigenEstimate:
-    """λ_max(P^{-1/2} H P^{-1/2}) for the diagonal ``P`` given as a flat vector."""
-    pre = PreconditionedOperator(operator, diagonal)
+    """λ_max(P^{-1/2} H P^{-1/2}) for the diagonal ``P`` given as a flat vector, or for the
+    symmetric ``P`` whose ``v ↦ P^{-1/2} v`` (flat vectors) is given as a callable."""
+    pre: PreconditionedOperator | MatrixPreconditionedOperator
+    if callable(diagonal) and not isinstance(diagonal, torch.Tensor):
+        pre = MatrixPreconditionedOperator(operator, diagonal)
+    else:
+        pre = PreconditionedOperator(operator, diagonal)
     return lambda_max(pre, warm_start=warm_start, max_iter=max_iter, tol=tol, seed=seed)
 
 

@@ -21,7 +21,13 @@ Conventions shared by every entry:
   complex parameters, ``η_ref <= 0`` and hyperparameters outside the analysed range.
 - ``preconditioned=False`` with ``preconditioner=None`` means ``P = I``;
   ``preconditioned=True`` with ``preconditioner=None`` means "``P`` not available yet" (Adam
-  before its first step).
+  before its first step), unless ``inverse_sqrt`` is set: a non-diagonal ``P`` (K-FAC) is
+  given as the map applying ``P^-1/2`` to a per-parameter list of tensors.
+
+Besides the rules per optimizer *class*, a rule can be attached to one optimizer *instance*
+(:func:`attach_stability`): it receives the class rule's result and may refine it. A K-FAC
+preconditioner attaches itself to its optimizer this way
+(:mod:`lightning_landscape.optim.stability_kfac`).
 
 Weight decay: an *L2* weight decay ``wd`` (``torch.optim.SGD``, ``torch.optim.Adam`` with
 ``decoupled_weight_decay=False``) is added to the gradient, so the threshold applies to
@@ -52,13 +58,22 @@ Example::
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["Stability", "StabilityFn", "register_stability", "stability_of"]
+__all__ = [
+    "Stability",
+    "StabilityFn",
+    "StabilityOverride",
+    "attach_stability",
+    "detach_stability",
+    "register_stability",
+    "stability_of",
+]
 
 
 @dataclass(frozen=True)
@@ -73,17 +88,29 @@ class Stability:
             parameter, ``+inf`` for frozen entries), or ``None``: identity when
             ``preconditioned`` is ``False``, not yet available when it is ``True``.
         rule: Short human-readable rule, e.g. ``"heavy ball (2+2β)/η, β=0.9, η=0.1"``.
+        inverse_sqrt: For a non-diagonal ``P`` (``preconditioner`` is then ``None``): maps a list
+            of tensors aligned with the measured parameters to ``P^-1/2`` applied to them
+            (``P`` symmetric positive definite, as frozen at the optimizer's last step).
     """
 
     threshold: float
     preconditioned: bool
     preconditioner: list[torch.Tensor] | None
     rule: str
+    inverse_sqrt: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
 
 
 StabilityFn = Callable[[torch.optim.Optimizer, Sequence[torch.Tensor]], "Stability | None"]
 
+#: ``fn(optimizer, params, base)`` refining the class rule's result ``base`` for one instance.
+StabilityOverride = Callable[
+    [torch.optim.Optimizer, list[torch.Tensor], "Stability | None"], "Stability | None"
+]
+
 _REGISTRY: dict[type[torch.optim.Optimizer], StabilityFn] = {}
+_ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, StabilityOverride] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def register_stability(optimizer_cls: type[torch.optim.Optimizer], fn: StabilityFn) -> None:
@@ -123,11 +150,36 @@ def stability_of(
         The :class:`Stability`, or ``None`` for an unknown optimizer or a configuration
         without a single threshold (see the module docstring).
     """
+    base: Stability | None = None
     for cls in type(optimizer).__mro__:
         fn = _REGISTRY.get(cls)
         if fn is not None:
-            return fn(optimizer, list(params))
-    return None
+            base = fn(optimizer, list(params))
+            break
+    override = _ATTACHED.get(optimizer)
+    return base if override is None else override(optimizer, list(params), base)
+
+
+def attach_stability(optimizer: torch.optim.Optimizer, fn: StabilityOverride) -> None:
+    """Attach an instance rule to ``optimizer`` (replacing any earlier one).
+
+    :func:`stability_of` then returns ``fn(optimizer, params, base)``, ``base`` being the class
+    rule's result (``None`` if there is none). The optimizer is held weakly; ``fn`` must not
+    hold a strong reference to it (or the entry lives as long as the process).
+
+    Raises:
+        TypeError: If ``optimizer`` is not an optimizer or ``fn`` is not callable.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {fn!r}")
+    _ATTACHED[optimizer] = fn
+
+
+def detach_stability(optimizer: torch.optim.Optimizer) -> None:
+    """Remove the instance rule of ``optimizer`` (no-op if none is attached)."""
+    _ATTACHED.pop(optimizer, None)
 
 
 # --------------------------------------------------------------------------- shared helpers

@@ -1,0 +1,279 @@
+"""The state of one K-FAC layer: the current window's statistics, running factors, eigenbases.
+
+A :class:`KFACLayer` accumulates, between two factor updates, the sums of
+:func:`~lightning_landscape.optim.kfac.factors.input_statistics` and
+:func:`~lightning_landscape.optim.kfac.factors.output_statistics` over every recorded
+micro-batch together with their example counts. :meth:`KFACLayer.update` folds a batch
+estimate into the running averages (the first one initialises them); :meth:`KFACLayer.decompose`
+refreshes the eigenbases. The preconditioner drives these calls; nothing here communicates.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_landscape.optim.kfac.factors import (
+    DampingMode,
+    Eigen,
+    apply_damped,
+    damped_denominator,
+    eigen,
+    gradient_matrix,
+    pi_factor,
+    pi_inverses,
+    set_gradient,
+    supported,
+)
+
+__all__ = ["KFACLayer", "select_layers", "unwrap"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def select_layers(
+    model: nn.Module,
+    include: re.Pattern[str] | None,
+    exclude: re.Pattern[str] | None,
+    dtype: torch.dtype | None,
+) -> tuple[dict[str, KFACLayer], dict[str, str]]:
+    """The ``nn.Linear``/``nn.Conv2d`` modules to register, and the unsupported ones with why.
+
+    A module is considered when ``include`` (if given) matches its name and ``exclude`` does
+    not (``re.search``). Factors are float64 for float64 weights, else float32, unless
+    ``dtype`` is given.
+    """
+    layers: dict[str, KFACLayer] = {}
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        if (include is not None and not include.search(name)) or (
+            exclude is not None and exclude.search(name)
+        ):
+            continue
+        reason = supported(module)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        wide = module.weight.dtype == torch.float64
+        layers[name] = KFACLayer(name, module, dtype or (torch.float64 if wide else torch.float32))
+    return layers, skipped
+
+
+class KFACLayer:
+    """One registered ``nn.Linear`` / ``nn.Conv2d`` and its K-FAC state.
+
+    Args:
+        name: The module's qualified name in the (unwrapped) model.
+        module: The module.
+        dtype: dtype of statistics, factors and eigenbases.
+    """
+
+    def __init__(self, name: str, module: nn.Module, dtype: torch.dtype) -> None:
+        self.name = name
+        self.module = module
+        self.dtype = dtype
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        self.device = weight.device
+        bias = getattr(module, "bias", None)
+        self.params: list[torch.Tensor] = [weight] + ([bias] if bias is not None else [])
+        self.dim_a = weight[0].numel() + (1 if bias is not None else 0)
+        self.dim_g = weight.shape[0]
+        self.fired = False  # a hook fired at least once
+        self.a_sum: torch.Tensor | None = None
+        self.g_sum: torch.Tensor | None = None
+        self.a_count = 0
+        self.g_count = 0
+        self.A: torch.Tensor | None = None
+        self.G: torch.Tensor | None = None
+        self.eigen_a: Eigen | None = None
+        self.eigen_g: Eigen | None = None
+        self.pi = 1.0
+        self._scales: dict[tuple[float, str, float], Any] = {}  # per eigenbasis
+
+    # -- statistics of the current window ---------------------------------------------------
+    def add_input(self, a_sum: torch.Tensor, n: int) -> None:
+        self.fired = True
+        self.a_sum = a_sum if self.a_sum is None else self.a_sum.add_(a_sum)
+        self.a_count += n
+
+    def add_output(self, g_sum: torch.Tensor, n: int) -> None:
+        self.fired = True
+        self.g_sum = g_sum if self.g_sum is None else self.g_sum.add_(g_sum)
+        self.g_count += n
+
+    def clear(self) -> None:
+        """Forget the current window's statistics."""
+        self.a_sum = self.g_sum = None
+        self.a_count = self.g_count = 0
+
+    def window(self, g_scale: float) -> list[torch.Tensor]:
+        """``[Σ A, g_scale · Σ G, counts]`` of the window (zeros where nothing was recorded)."""
+        zeros_a = torch.zeros(self.dim_a, self.dim_a, dtype=self.dtype, device=self.device)
+        zeros_g = torch.zeros(self.dim_g, self.dim_g, dtype=self.dtype, device=self.device)
+        a = zeros_a if self.a_sum is None else self.a_sum
+        g = zeros_g if self.g_sum is None else self.g_sum * g_scale
+        counts = torch.tensor(
+            [float(self.a_count), float(self.g_count)], dtype=self.dtype, device=self.device
+        )
+        return [a, g, counts]
+
+    # -- running factors --------------------------------------------------------------------
+    def update(self, a_batch: torch.Tensor, g_batch: torch.Tensor, decay: float) -> None:
+        """``F ← ξF + (1−ξ)F_batch`` for both factors; the first call copies the batch."""
+        if self.A is None or self.G is None:
+            self.A, self.G = a_batch.clone(), g_batch.clone()
+            return
+        self.A.mul_(decay).add_(a_batch, alpha=1.0 - decay)
+        self.G.mul_(decay).add_(g_batch, alpha=1.0 - decay)
+
+    def decompose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eigendecompositions of the running factors, as ``(d_A, Q_A, d_G, Q_G)``."""
+        assert self.A is not None and self.G is not None
+        d_a, q_a = eigen(self.A)
+        d_g, q_g = eigen(self.G)
+        return d_a, q_a, d_g, q_g
+
+    def set_eigen(
+        self, d_a: torch.Tensor, q_a: torch.Tensor, d_g: torch.Tensor, q_g: torch.Tensor
+    ) -> None:
+        self.eigen_a, self.eigen_g = (d_a, q_a), (d_g, q_g)
+        self.pi = pi_factor(d_a, d_g)
+        self._scales.clear()
+        bias = len(self.params) > 1  # Q_A split into weight rows and the bias row, contiguous
+        self._qa_w = (q_a[:-1] if bias else q_a).contiguous()
+        self._qa_wt = self._qa_w.T.contiguous()
+        self._qa_b = q_a[-1].contiguous() if bias else None
+        self._qg_t = q_g.T.contiguous()
+
+    def eigen_cost(self) -> float:
+        """Relative cost of :meth:`decompose` (cubic in the factor sizes)."""
+        return float(self.dim_a**3 + self.dim_g**3)
+
+    # -- preconditioning --------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.eigen_a is not None and self.eigen_g is not None
+
+    def apply(
+        self, matrix: torch.Tensor, damping: float, mode: DampingMode, power: float = -1.0
+    ) -> torch.Tensor:
+        """``P^power`` (``P`` the damped ``G ⊗ A``) applied to a gradient-shaped matrix."""
+        assert self.eigen_a is not None and self.eigen_g is not None
+        cached = self._cached(damping, mode, power)
+        if isinstance(cached, tuple):
+            return cached[0] @ matrix @ cached[1]
+        return apply_damped(matrix, self.eigen_a, self.eigen_g, damping, scale=cached)
+
+    def _times_a(self, right: torch.Tensor, bias_row: torch.Tensor | None) -> torch.Tensor | None:
+        """``[∇W | ∇b] @ R`` for ``R = [right; bias_row]`` without concatenating the gradient."""
+        weight = self.params[0]
+        if weight.grad is None or (len(self.params) > 1 and self.params[1].grad is None):
+            return None
+        w = weight.grad.reshape(self.dim_g, -1).to(self.dtype)
+        if bias_row is None:
+            return w @ right
+        return torch.addr(w @ right, self.params[1].grad.to(self.dtype), bias_row)  # type: ignore[union-attr]
+
+    def solve(self, damping: float, mode: DampingMode) -> tuple[Any, torch.Tensor] | None:
+        """First half of a step: ``P⁻¹∇`` in a form :meth:`write` finishes, and ``⟨P⁻¹∇, ∇⟩``.
+
+        ``"exact"`` stays in the eigenbasis (``X = (Q_Gᵀ ∇ Q_A) ⊘ (d_G d_Aᵀ + λ)``, where
+        ``⟨P⁻¹∇, ∇⟩ = ⟨X, Q_Gᵀ ∇ Q_A⟩``); ``"pi"`` uses the two explicit inverses. ``None``
+        when a gradient is missing.
+        """
+        if mode == "pi":
+            g_inv, a_inv = self._cached(damping, mode, -1.0)
+            bias_row = a_inv[-1] if len(self.params) > 1 else None
+            right = a_inv[:-1] if bias_row is not None else a_inv
+            t = self._times_a(right, bias_row)
+            if t is None:
+                return None
+            delta = g_inv @ t
+            grad = gradient_matrix(self.module, self.dtype)
+            assert grad is not None
+            return delta, torch.vdot(delta.reshape(-1), grad.reshape(-1))
+        t = self._times_a(self._qa_w, self._qa_b)
+        if t is None:
+            return None
+        v0 = self._qg_t @ t
+        x = v0 * self._cached(damping, mode, -1.0)
+        return x, torch.vdot(x.reshape(-1), v0.reshape(-1))
+
+    def write(self, solved: Any, nu: float, mode: DampingMode) -> None:
+        """Second half: the gradients become ``ν · P⁻¹∇`` (in place)."""
+        if nu != 1.0:
+            solved = solved * nu
+        if mode == "pi":
+            set_gradient(self.module, solved)
+            return
+        assert self.eigen_g is not None
+        left = self.eigen_g[1] @ solved
+        weight = self.params[0]
+        wg = weight.grad
+        assert wg is not None
+        if wg.dtype == self.dtype and wg.is_contiguous():
+            torch.mm(left, self._qa_wt, out=wg.view(self.dim_g, -1))
+        else:
+            wg.copy_((left @ self._qa_wt).view(wg.shape))
+        if self._qa_b is not None:
+            bg = self.params[1].grad
+            assert bg is not None
+            if bg.dtype == self.dtype and bg.is_contiguous():
+                torch.mv(left, self._qa_b, out=bg)
+            else:
+                bg.copy_(left @ self._qa_b)
+
+    def _cached(self, damping: float, mode: DampingMode, power: float) -> Any:
+        """The damped eigenvalue matrix (or, for ``"pi"`` with power −1, the two inverses)."""
+        assert self.eigen_a is not None and self.eigen_g is not None
+        key = (float(damping), mode, float(power))
+        cached = self._scales.get(key)
+        if cached is None:  # per eigenbasis: a constant damping costs nothing per step
+            if len(self._scales) > 4:  # a damping schedule: keep the cache small
+                self._scales.clear()
+            if mode == "pi" and power == -1.0:
+                cached = pi_inverses(self.eigen_a, self.eigen_g, damping, self.pi)
+            else:
+                d_a, d_g = self.eigen_a[0], self.eigen_g[0]
+                cached = damped_denominator(d_a, d_g, damping, mode=mode, pi=self.pi, power=power)
+            self._scales[key] = cached
+        return cached
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Factors, eigenbases and π (copies)."""
+        out: dict[str, Any] = {"A": self.A, "G": self.G, "pi": self.pi}
+        if self.eigen_a is not None and self.eigen_g is not None:
+            out.update(d_a=self.eigen_a[0], q_a=self.eigen_a[1])
+            out.update(d_g=self.eigen_g[0], q_g=self.eigen_g[1])
+        return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        def to(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to(device=self.device, dtype=self.dtype)
+
+        a, g = to(state.get("A")), to(state.get("G"))
+        for label, t, dim in (("A", a, self.dim_a), ("G", g, self.dim_g)):
+            if t is not None and tuple(t.shape) != (dim, dim):
+                raise ValueError(
+                    f"state of layer {self.name!r}: factor {label} has shape "
+                    f"{tuple(t.shape)}, expected {(dim, dim)}"
+                )
+        self.A, self.G = a, g
+        self.eigen_a = self.eigen_g = None
+        self._scales.clear()
+        if "q_a" in state:
+            self.set_eigen(to(state["d_a"]), to(state["q_a"]), to(state["d_g"]), to(state["q_g"]))  # type: ignore[arg-type]
+        self.pi = float(state.get("pi", self.pi))
+        self.fired = self.fired or self.A is not None

@@ -1,0 +1,142 @@
+"""Stability of an optimizer driven by K-FAC: the base rule on the K-FAC-preconditioned Hessian.
+
+A :class:`~lightning_landscape.optim.kfac.KFACPreconditioner` built with ``optimizer=`` attaches
+this rule to that optimizer instance (:func:`~lightning_landscape.optim.stability.attach_stability`),
+so :func:`~lightning_landscape.optim.stability.stability_of` — and hence ``Sharpness`` — reports
+the preconditioned sharpness of what actually runs.
+
+The base optimizer turns the preconditioned gradient ``ν · P⁻¹ g`` into its update. ``P`` is,
+for each registered layer, the damped Kronecker factor *as used in the last step*
+(``G ⊗ A + λI`` in the last eigenbasis with the last damping for ``damping_mode="exact"``,
+``(G + √λ/π I) ⊗ (A + π√λ I)`` for ``"pi"``) and the identity for every other parameter;
+``ν`` is the last step's KL-clipping scale. With ``P`` and ``ν`` frozen, the base update
+direction is that of the base optimizer with step ``ν·η`` in the ``P``-preconditioned space, so
+the iteration is stable while
+
+    ``λ_max(P^-1/2 H P^-1/2) < threshold_base / ν``
+
+(``threshold_base`` the base optimizer's own threshold for ``η = param_groups[0]["lr"]``).
+
+Rules:
+
+- the base optimizer must have a known rule (``None`` otherwise);
+- it must not itself be diagonally preconditioned (Adam, NovoGrad, ARSG after their first step
+  give ``None``: ``P_base⁻¹ P⁻¹`` is not symmetric, no single threshold exists). A base ``P``
+  that is constant on each parameter tensor (per-group learning rates, frozen parameters) is
+  folded in, provided a layer's weight and bias share it;
+- before the preconditioner's first step ``P`` is not available (``preconditioned=True``,
+  ``inverse_sqrt=None``);
+- an L2 weight decay ``wd`` of the base optimizer is added *after* preconditioning, so its
+  update is ``−νη(P⁻¹ g) − η·wd·θ``; the threshold then applies to
+  ``λ_max(P^-1/2 H P^-1/2) + wd/ν`` (the rule string says so).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lightning_landscape.optim import stability as _stability
+from lightning_landscape.optim.stability import Stability, attach_stability, detach_stability
+
+if TYPE_CHECKING:
+    from lightning_landscape.optim.kfac import KFACPreconditioner
+
+__all__ = ["attach", "detach", "kfac_stability"]
+
+# the rule each optimizer got from `attach`, to recognise it in `detach`
+_OURS: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[Any, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _tensor_scales(base: Stability, params: Sequence[torch.Tensor]) -> list[float] | None:
+    """One ``P_base`` value per parameter tensor, or ``None`` if ``P_base`` varies inside one."""
+    if base.preconditioner is None:
+        return [1.0] * len(params)
+    scales = []
+    for diag in base.preconditioner:
+        flat = diag.reshape(-1)
+        if flat.numel() == 0:
+            scales.append(1.0)
+            continue
+        first = flat[0]
+        if not bool((flat == first).all()):
+            return None
+        scales.append(float(first))
+    return scales
+
+
+def kfac_stability(
+    pre: KFACPreconditioner,
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    base: Stability | None,
+) -> Stability | None:
+    """The stability of ``optimizer`` preconditioned by ``pre`` (see the module docstring)."""
+    if base is None:
+        return None
+    if base.inverse_sqrt is not None or (base.preconditioned and base.preconditioner is None):
+        return None
+    scales = _tensor_scales(base, params)
+    if scales is None:
+        return None
+    index = {id(p): i for i, p in enumerate(params)}
+    for layer in pre.layers.values():
+        shared = {scales[index[id(p)]] for p in layer.params if id(p) in index}
+        if len(shared) > 1:
+            return None
+    nu = pre.kl_scale if pre.ready else 1.0
+    threshold = base.threshold / nu
+    rule = (
+        f"K-FAC ({pre.damping_mode} damping, P = damped G⊗A per layer, identity elsewhere) "
+        f"on {base.rule}"
+    )
+    if nu != 1.0:
+        rule += f"; KL scale ν={nu:.4g}: threshold/ν"
+    if "weight_decay" in base.rule and "decoupled" not in base.rule:
+        rule += "; K-FAC: L2 weight decay is added after preconditioning (λ_max + wd/ν)"
+    if not pre.ready:
+        return Stability(threshold, True, None, rule)
+    params_list = list(params)
+
+    def inverse_sqrt(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = pre.inverse_sqrt(params_list, vectors)
+        return [
+            v if s == 1.0 else (torch.zeros_like(v) if math.isinf(s) else v / math.sqrt(s))
+            for v, s in zip(out, scales)
+        ]
+
+    return Stability(threshold, True, None, rule, inverse_sqrt)
+
+
+def _rule(
+    ref: weakref.ReferenceType[KFACPreconditioner],
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    base: Stability | None,
+) -> Stability | None:
+    pre = ref()
+    if pre is None:  # the preconditioner is gone: the base rule applies again
+        return base
+    return kfac_stability(pre, optimizer, params, base)
+
+
+def attach(pre: KFACPreconditioner, optimizer: torch.optim.Optimizer) -> None:
+    """Make :func:`stability_of` report ``optimizer`` as preconditioned by ``pre``."""
+    ref = weakref.ref(pre)
+    rule = partial(_rule, ref)
+    _OURS[optimizer] = (rule, ref)
+    attach_stability(optimizer, rule)
+
+
+def detach(pre: KFACPreconditioner, optimizer: torch.optim.Optimizer) -> None:
+    """Undo :func:`attach` (no-op if another rule was attached since)."""
+    rule, ref = _OURS.get(optimizer, (None, None))
+    if rule is not None and _stability._ATTACHED.get(optimizer) is rule and ref() is pre:
+        detach_stability(optimizer)
