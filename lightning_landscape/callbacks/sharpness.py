@@ -157,7 +157,9 @@ class Sharpness(MeasurementCallback):
         if stab is None:
             self.warn_once(
                 f"Sharpness: no stability threshold is known for "
-                f"{type(ctx.optimizer).__name__}; logging lambda_max without threshold/ratio "
+                f"{type(ctx.optimizer).__name__} in this configuration (e.g. an unregistered "
+                "optimizer, per-group momenta that disagree, or K-FAC over a diagonally "
+                "preconditioned optimizer); logging lambda_max without threshold/ratio "
                 "(register one with lightning_landscape.optim.register_stability)."
             )
         elif self.preconditioned is not False and stab.preconditioned:
