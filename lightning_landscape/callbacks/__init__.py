@@ -5,6 +5,7 @@ from lightning_landscape.callbacks.gradient_flow import GradientFlowDeviation
 from lightning_landscape.callbacks.hessian import HessianEigenvalues
 from lightning_landscape.callbacks.kfac import KFAC
 from lightning_landscape.callbacks.observation_boost import ObservationBoost
+from lightning_landscape.callbacks.sample_variance import SampleVarianceDecay
 from lightning_landscape.callbacks.sharpness import Sharpness
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "MeasureContext",
     "MeasurementCallback",
     "ObservationBoost",
+    "SampleVarianceDecay",
     "Sharpness",
 ]
