@@ -4,6 +4,7 @@ from lightning_landscape.callbacks.base import MeasureContext, MeasurementCallba
 from lightning_landscape.callbacks.gradient_flow import GradientFlowDeviation
 from lightning_landscape.callbacks.hessian import HessianEigenvalues
 from lightning_landscape.callbacks.kfac import KFAC
+from lightning_landscape.callbacks.landscape import LossLandscape
 from lightning_landscape.callbacks.observation_boost import ObservationBoost
 from lightning_landscape.callbacks.sample_variance import SampleVarianceDecay
 from lightning_landscape.callbacks.sharpness import Sharpness
@@ -12,6 +13,7 @@ __all__ = [
     "KFAC",
     "GradientFlowDeviation",
     "HessianEigenvalues",
+    "LossLandscape",
     "MeasureContext",
     "MeasurementCallback",
     "ObservationBoost",
