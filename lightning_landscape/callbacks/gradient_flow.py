@@ -24,51 +24,14 @@ from lightning_landscape.measures.gradient_flow import (
 from lightning_landscape.measures.guard import BNMode
 from lightning_landscape.measures.operators import ProbeHessian, flatten
 from lightning_landscape.measures.sharpness import lambda_max, preconditioned_lambda_max
-from lightning_landscape.optim import ARSG, RSG, NovoGrad
+from lightning_landscape.optim import NovoGrad
+from lightning_landscape.optim.flow_scale import bias_factor, effective_scale
 from lightning_landscape.optim.stability import stability_of
+from lightning_landscape.optim.stability_kfac import attached_kfac
 
 __all__ = ["GradientFlowDeviation", "effective_scale", "optimizer_flow"]
 
 _WINDOW = ("start", "inverse", "coupled", "decoupled")
-
-
-def effective_scale(optimizer: torch.optim.Optimizer) -> float | None:
-    """``κ``: one step of learning rate ``η`` is an Euler step of the flow of length ``κη``.
-
-    ``κ`` is the steady-state ratio of the update direction to the gradient (constant
-    gradient, momentum buffers converged): SGD heavy ball ``(1−d)/(1−β)``, Nesterov
-    ``1/(1−β)``, plain SGD, Adam/AdamW (bias-corrected), RSG and ARSG ``1``, NovoGrad
-    ``s/(1−β1)``. ``None`` for an optimizer without a known rule, SGD with ``d = 1``, or param
-    groups that disagree on these hyperparameters.
-    """
-    groups = optimizer.param_groups
-    if isinstance(optimizer, torch.optim.SGD):
-        keys = {(g.get("momentum", 0), g.get("dampening", 0), g.get("nesterov", 0)) for g in groups}
-        beta, damp, nesterov = (float(k) for k in keys.pop())
-        if keys or damp >= 1.0 and beta > 0.0:
-            return None
-        return 1.0 / (1.0 - beta) if nesterov else (1.0 - damp * (beta > 0)) / (1.0 - beta)
-    if isinstance(optimizer, (torch.optim.Adam, RSG, ARSG)):
-        return 1.0
-    if isinstance(optimizer, NovoGrad):  # m ← β1 m + s(g/P + dθ): m → s(g/P + dθ)/(1−β1)
-        betas = {(float(g["betas"][0]), bool(g["grad_averaging"])) for g in groups}
-        beta1, averaging = betas.pop()
-        return None if betas else (1.0 if averaging else 1.0 / (1.0 - beta1))
-    return None
-
-
-def _bias(optimizer: torch.optim.Optimizer, group: dict[str, Any], state: dict[str, Any]) -> float:
-    """Factor turning the registry's ``P`` into the flow's: undo explicit bias corrections."""
-    t = float(state.get("step", 0))
-    if t <= 0:
-        return 1.0
-    beta1 = float(group["betas"][0]) if "betas" in group else 0.0
-    if isinstance(optimizer, torch.optim.Adam):  # P = (1−β1^t)(...): m/(1−β1^t) ≈ g
-        return 1.0 / (1.0 - beta1**t)
-    if isinstance(optimizer, ARSG) and not group["amsgrad"]:  # P = (...)/k_t
-        mu = float(group["observation"])
-        return (1.0 - mu) / (1.0 - beta1**t) + mu
-    return 1.0
 
 
 def optimizer_flow(
@@ -79,13 +42,15 @@ def optimizer_flow(
     ``P`` is :func:`~lightning_landscape.optim.stability.stability_of`'s (other groups' lr folded
     in) with explicit bias corrections undone; weight decay is coupled (L2: SGD, Adam, RSG,
     ARSG) or decoupled (AdamW, NovoGrad). ``flow`` is ``None`` while ``P`` is not available
-    (Adam before its first step); ``None`` is returned when no rule is known.
+    (Adam before its first step) or not supported (K-FAC); ``None`` when no rule is known.
     """
     stab = stability_of(optimizer, params)
     if stab is None or effective_scale(optimizer) is None:
         return None
+    if stab.inverse_sqrt is not None or attached_kfac(optimizer) is not None:
+        return None, "not supported with K-FAC's non-diagonal preconditioner"
     if stab.preconditioned and stab.preconditioner is None:
-        return None, stab.rule
+        return None, "the optimizer has no state yet (before its first step)"
     eta_ref = float(optimizer.param_groups[0]["lr"])
     owner = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     diag, coupled, decoupled = [], [], []
@@ -102,7 +67,7 @@ def optimizer_flow(
         coupled.append(torch.full((p.numel(),), c_val, dtype=torch.float64, device=p.device))
         decoupled.append(torch.full((p.numel(),), d_val, dtype=torch.float64, device=p.device))
         if stab.preconditioner is not None:
-            factor = 1.0 if g is None else _bias(optimizer, g, optimizer.state.get(p, {}))
+            factor = 1.0 if g is None else bias_factor(optimizer, g, optimizer.state.get(p, {}))
             diag.append(stab.preconditioner[i].detach().reshape(-1).double() * factor)
     c, d = torch.cat(coupled), torch.cat(decoupled)
     flow = Flow(
@@ -259,8 +224,8 @@ class GradientFlowDeviation(MeasurementCallback):
             return Flow()
         if rule[0] is None:
             self.warn_once(
-                "GradientFlowDeviation: the optimizer has no state yet (before its first step), "
-                "so its preconditioned flow is not known; measuring from the next step on."
+                f"GradientFlowDeviation: no flow to compare with: {rule[1]}; nothing is "
+                "measured while that lasts."
             )
         return rule[0]
 

@@ -47,7 +47,7 @@ from lightning_landscape.optim.stability import Stability, attach_stability, det
 if TYPE_CHECKING:
     from lightning_landscape.optim.kfac import KFACPreconditioner
 
-__all__ = ["attach", "detach", "kfac_stability"]
+__all__ = ["attach", "attached_kfac", "detach", "kfac_stability"]
 
 # the rule each optimizer got from `attach`, to recognise it in `detach`
 _OURS: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[Any, Any]] = (
@@ -125,6 +125,12 @@ def _rule(
     if pre is None:  # the preconditioner is gone: the base rule applies again
         return base
     return kfac_stability(pre, optimizer, params, base)
+
+
+def attached_kfac(optimizer: torch.optim.Optimizer) -> KFACPreconditioner | None:
+    """The live K-FAC preconditioner attached to ``optimizer`` (``None`` if there is none)."""
+    _, ref = _OURS.get(optimizer, (None, None))
+    return None if ref is None else ref()
 
 
 def attach(pre: KFACPreconditioner, optimizer: torch.optim.Optimizer) -> None:
