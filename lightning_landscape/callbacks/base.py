@@ -111,6 +111,9 @@ class MeasurementCallback(Callback):
     """Base class of the measurement callbacks (see the module docstring)."""
 
     family: ClassVar[str] = ""
+    #: Measure once at step 0, before the first optimizer step (subclasses with their own
+    #: schedule, such as ``LossLandscape``, turn it off).
+    measure_at_start: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -218,7 +221,7 @@ class MeasurementCallback(Callback):
         if not shared.layout_written:
             charts = [chart for cb in peers for chart in cb.charts()]
             shared.layout_written = panels.write_layout(trainer, charts) or True
-        if trainer.global_step == 0:
+        if trainer.global_step == 0 and self.measure_at_start:
             self._decision = (0, True)
             self._measure(trainer, pl_module)
         self._last_step = trainer.global_step

@@ -15,7 +15,6 @@ from typing_extensions import override
 
 from lightning_landscape import panels
 from lightning_landscape.callbacks.base import MeasureContext, MeasurementCallback
-from lightning_landscape.callbacks.shared import shared_state
 from lightning_landscape.measures.guard import BNMode
 from lightning_landscape.measures.landscape import (
     Interpolation,
@@ -154,6 +153,7 @@ class LossLandscape(MeasurementCallback):
     """
 
     family = "landscape"
+    measure_at_start = False
 
     def __init__(
         self,
@@ -241,16 +241,7 @@ class LossLandscape(MeasurementCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active(trainer):
             return
-        self.probe = self._capture_probe(trainer, pl_module)
-        shared = shared_state(trainer)
-        peers = [cb for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)]  # type: ignore[attr-defined]
-        if peers and peers[0] is self:  # the same clock start as MeasurementCallback's
-            shared.busy = 0.0
-            for cb in peers:
-                cb.cadence.start(trainer.global_step)
-        if not shared.layout_written:
-            charts = [chart for cb in peers for chart in cb.charts()]
-            shared.layout_written = panels.write_layout(trainer, charts) or True
+        super().on_train_start(trainer, pl_module)  # probe, clocks, layout (no step-0 measure)
         has_init = any(k.startswith(_INIT) for k in self.vectors)
         if self.interpolate_from_init and not has_init:
             if trainer.global_step == 0:
