@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightning_landscape.cli import main
+from lightning_landscape.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -51,6 +51,7 @@ import lightning_landscape.zoo  # noqa: F401  (registers the zoo's classes for s
 __all__ = [
     "LandscapeCLI",
     "available_recipes",
+    "entry",
     "main",
     "merge_config",
     "recipe_description",
@@ -295,6 +296,15 @@ def main(argv: Sequence[str] | None = None) -> LightningCLI | None:
                 print(f"{PROG}: variant {name!r}", file=sys.stderr)
             result = _run_cli(run_args, from_argv=argv is None)
         return result
+
+
+def entry() -> None:
+    """The console script ``lightning-landscape`` (and ``python -m lightning_landscape``).
+
+    Runs :func:`main` on ``sys.argv`` and returns nothing, so the process exits with status 0
+    (``sys.exit`` of the returned CLI object would print it and exit with status 1).
+    """
+    main()
 
 
 def _run_cli(args: list[str], *, from_argv: bool) -> LightningCLI:

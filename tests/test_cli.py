@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import subprocess
 import sys
 import warnings
@@ -244,3 +245,25 @@ def test_variant_flag_picks_one_and_names_unknown_ones(
     with pytest.raises(SystemExit):
         main(["fit", "--recipe", "quickstart", "--variant", "x"])
     assert "no config has `variants:`" in capsys.readouterr().err
+
+
+def test_console_script_exits_zero_after_a_run(tmp_path: Path) -> None:
+    """The installed script is ``sys.exit(<entry point>())``: it must return None (status 0)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    scripts = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "scripts"
+    ]
+    assert scripts["lightning-landscape"] == "lightning_landscape.cli:entry"
+    args = [
+        "fit", "--recipe", "quickstart", "--trainer.callbacks=[]", *_two_step_args(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from lightning_landscape.cli import entry; "
+         "sys.exit(entry())", *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LandscapeCLI object" not in result.stderr
