@@ -58,15 +58,15 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("with_kfac", [False, True], ids=["sgd", "kfac+sgd"])
-def test_all_measurements_together_leave_training_bit_identical(with_kfac: bool) -> None:
+def test_all_measurements_together_leave_training_bit_identical(with_kfac: bool, tmp_path) -> None:
     def kfac() -> list[pl.Callback]:
         return [KFAC(factor_update_every=2, inverse_update_every=4)] if with_kfac else []
 
-    ref, _ = fit(kfac())
+    ref, _ = fit(kfac(), default_root_dir=tmp_path)
     cbs = measurements()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got, _ = fit([*kfac(), *cbs])
+        got, _ = fit([*kfac(), *cbs], default_root_dir=tmp_path)  # LossLandscape's .npz
     unsupported = [w for w in caught if "not supported with K-FAC" in str(w.message)]
     assert len(unsupported) == (1 if with_kfac else 0)  # said once, not a wrong flow
     for name, value in _weights(ref).items():
