@@ -14,8 +14,9 @@ the recipe, as with ``--config``.
 A config may hold a top-level ``variants:`` mapping ``{name: overrides}``: the command then runs
 once per variant, one after another, each with the rest of the config deep-merged with that
 variant's overrides (mappings merge, anything else is replaced) and the TensorBoard logger's
-``version`` set to the variant's name, so the runs sit side by side in TensorBoard
-(``<save_dir>/<name>/<variant>``). ``--variant NAME`` (repeatable) runs only the named ones. Recipes are YAML files whose first line is
+``name`` extended by the variant's, so the runs sit side by side in TensorBoard
+(``<save_dir>/<name>/<variant>/version_<n>``; running a recipe again adds a new version
+instead of writing into the old run). ``--variant NAME`` (repeatable) runs only the named ones. Recipes are YAML files whose first line is
 ``# description: ...``. They are looked up in the installed package
 (``lightning_landscape/recipes``, where the wheel ships them) and otherwise in the top-level
 ``recipes/`` folder of a source checkout.
@@ -164,8 +165,8 @@ def variant_configs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The configs a config's ``variants:`` expands to, by variant name (see the module doc).
 
     A config without ``variants`` gives ``{}``. Each variant's TensorBoard logger (if the
-    merged config has one in ``trainer.logger``) gets ``version: <variant name>`` unless the
-    variant sets a version itself.
+    merged config has one in ``trainer.logger``) gets ``name: <name>/<variant name>`` unless
+    the variant sets the logger's ``version`` itself.
 
     Raises:
         ValueError: If ``variants`` is not a non-empty mapping of names to mappings.
@@ -190,7 +191,8 @@ def variant_configs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             "TensorBoardLogger"
         ):
             init = logger.setdefault("init_args", {})
-            init.setdefault("version", name)
+            if "version" not in init:
+                init["name"] = f"{init.get('name', 'lightning_logs')}/{name}"
         out[name] = merged
     return out
 

@@ -200,7 +200,7 @@ def test_merge_config_merges_mappings_and_replaces_the_rest() -> None:
     assert base == {"a": {"x": 1, "l": [1, 2]}, "b": "keep"}  # inputs untouched
 
 
-def test_variant_configs_set_the_logger_version_and_reject_bad_entries(tmp_path: Path) -> None:
+def test_variant_configs_name_the_logger_runs_and_reject_bad_entries(tmp_path: Path) -> None:
     config = yaml.safe_load(_variants_recipe(tmp_path).read_text(encoding="utf-8"))
     variants = cli.variant_configs(config)
     assert list(variants) == ["narrow", "wide"]
@@ -210,7 +210,8 @@ def test_variant_configs_set_the_logger_version_and_reject_bad_entries(tmp_path:
         **config["model"]["init_args"]["net"]["init_args"], "width": 16,
     }  # fmt: skip
     assert wide["model"]["init_args"]["lr"] == 0.02
-    assert wide["trainer"]["logger"]["init_args"]["version"] == "wide"
+    assert wide["trainer"]["logger"]["init_args"]["name"] == "quickstart/wide"
+    assert "version" not in wide["trainer"]["logger"]["init_args"]  # a rerun gets a new version
     assert cli.variant_configs({"trainer": {}}) == {}
     with pytest.raises(ValueError, match="`variants` must be a non-empty mapping"):
         cli.variant_configs({"variants": []})
@@ -225,9 +226,10 @@ def test_variants_run_one_after_another_side_by_side(tmp_path: Path) -> None:
     runs = tmp_path / "quickstart"
     assert sorted(p.name for p in runs.iterdir()) == ["narrow", "wide"]
     for name, width in (("narrow", 8), ("wide", 16)):
-        saved = yaml.safe_load((runs / name / "config.yaml").read_text(encoding="utf-8"))
+        run = runs / name / "version_0"
+        saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
         assert saved["model"]["init_args"]["net"]["init_args"]["width"] == width
-        assert any((runs / name).glob("events.out.tfevents.*"))
+        assert any(run.glob("events.out.tfevents.*"))
     # the last run is the one returned
     assert result.model.net.layers[0].out_features == 16
 
@@ -236,9 +238,14 @@ def test_variant_flag_picks_one_and_names_unknown_ones(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = _variants_recipe(tmp_path)
-    result = main(["fit", "--config", str(path), "--variant", "narrow", *_two_step_args(tmp_path)])
-    assert result is not None and result.model.net.layers[0].out_features == 8
+    for _ in range(2):
+        args = ["fit", "--config", str(path), "--variant", "narrow", *_two_step_args(tmp_path)]
+        result = main(args)
+        assert result is not None and result.model.net.layers[0].out_features == 8
     assert [p.name for p in (tmp_path / "quickstart").iterdir()] == ["narrow"]
+    # running it again adds a version next to the first run instead of writing into it
+    versions = sorted(p.name for p in (tmp_path / "quickstart" / "narrow").iterdir())
+    assert versions == ["version_0", "version_1"]
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(path), "--variant=huge"])
     assert "unknown `--variant` 'huge'" in capsys.readouterr().err
