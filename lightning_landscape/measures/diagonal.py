@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_landscape.measures._compat import CurvatureOperator
+from ._compat import CurvatureOperator
 
 __all__ = ["hutchinson_diagonal", "rmed"]
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_landscape.measures._compat import (
+from ._compat import (
     CurvatureOperator,
     hutch_plus_plus,
     spectral_density,

@@ -65,7 +65,7 @@ from typing import Protocol
 
 import torch
 
-from lightning_landscape.measures.operators import NonFiniteError
+from .operators import NonFiniteError
 
 __all__ = [
     "Flow",

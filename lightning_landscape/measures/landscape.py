@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lightning_landscape.measures.operators import NonFiniteError, ProbeHessian, flatten
+from .operators import NonFiniteError, ProbeHessian, flatten
 
 __all__ = [
     "Interpolation",

@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_landscape.measures._compat import CurvatureOperator, HessianOperator
-from lightning_landscape.measures.probe import Probe
+from ._compat import CurvatureOperator, HessianOperator
+from .probe import Probe
 
 __all__ = [
     "HvpMethod",

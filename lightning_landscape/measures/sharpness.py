@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_landscape.measures.eigen import EigenEstimate, top_eigen
-from lightning_landscape.measures.operators import (
+from .eigen import EigenEstimate, top_eigen
+from .operators import (
     MatrixPreconditionedOperator,
     PreconditionedOperator,
     ProbeHessian,

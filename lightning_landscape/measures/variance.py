@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lightning_landscape.measures.operators import NonFiniteError
+from .operators import NonFiniteError
 
 __all__ = [
     "CHANNELS_FIRST_TYPES",

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lightning_landscape.optim._base import group_by_device_and_dtype
+from ._base import group_by_device_and_dtype
 
 __all__ = ["arsg_multi", "arsg_single", "rsg_multi", "rsg_single"]
 

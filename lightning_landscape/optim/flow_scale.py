@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from lightning_landscape.optim.novograd import NovoGrad
-from lightning_landscape.optim.rsg import ARSG, RSG
+from .novograd import NovoGrad
+from .rsg import ARSG, RSG
 
 __all__ = ["bias_factor", "effective_scale"]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lightning_landscape.optim._base import (
+from ._base import (
     LandscapeOptimizer,
     check_betas,
     check_nonneg,

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from lightning_landscape.optim import _rsg_functional as F
-from lightning_landscape.optim._base import (
+from . import _rsg_functional as F
+from ._base import (
     LandscapeOptimizer,
     check_beta,
     check_betas,

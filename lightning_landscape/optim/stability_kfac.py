@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_landscape.optim import stability as _stability
-from lightning_landscape.optim.stability import Stability, attach_stability, detach_stability
+from . import stability as _stability
+from .stability import Stability, attach_stability, detach_stability
 
 if TYPE_CHECKING:
-    from lightning_landscape.optim.kfac import KFACPreconditioner
+    from .kfac import KFACPreconditioner
 
 __all__ = ["attach", "attached_kfac", "detach", "kfac_stability"]
 

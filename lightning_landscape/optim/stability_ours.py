@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 
-from lightning_landscape.optim.novograd import NovoGrad
-from lightning_landscape.optim.rsg import ARSG, RSG
-from lightning_landscape.optim.stability import (
+from .novograd import NovoGrad
+from .rsg import ARSG, RSG
+from .stability import (
     Stability,
     _active,
     _agree,

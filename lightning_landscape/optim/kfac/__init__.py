@@ -9,6 +9,6 @@ the Lightning plugin is :class:`lightning_landscape.callbacks.kfac.KFAC`. Module
 
 from __future__ import annotations
 
-from lightning_landscape.optim.kfac.preconditioner import KFACPreconditioner, StepInfo, unwrap
+from .preconditioner import KFACPreconditioner, StepInfo, unwrap
 
 __all__ = ["KFACPreconditioner", "StepInfo", "unwrap"]

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_landscape.optim.kfac.factors import input_statistics, output_statistics
-from lightning_landscape.optim.kfac.layer import KFACLayer
+from .factors import input_statistics, output_statistics
+from .layer import KFACLayer
 
 __all__ = ["no_autocast", "register"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_landscape.optim.kfac.factors import (
+from .factors import (
     DampingMode,
     Eigen,
     apply_damped,

@@ -16,17 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_landscape.optim.kfac.factors import DampingMode
-from lightning_landscape.optim.kfac.hooks import register
-from lightning_landscape.optim.kfac.hyper import (
+from .factors import DampingMode
+from .hooks import register
+from .hyper import (
     Hyper,
     check_choice,
     check_positive_int,
     check_regex,
     check_that,
 )
-from lightning_landscape.optim.kfac.layer import select_layers, unwrap
-from lightning_landscape.optim.kfac.updates import (
+from .layer import select_layers, unwrap
+from .updates import (
     gradients_finite,
     inverse_sqrt,
     precondition,
@@ -201,7 +201,7 @@ class KFACPreconditioner:
         self._pause_depth = 0
         self._warned: set[str] = set()
         if optimizer is not None:
-            from lightning_landscape.optim.stability_kfac import attach
+            from ..stability_kfac import attach
 
             attach(self, optimizer)
 
@@ -391,6 +391,6 @@ class KFACPreconditioner:
             handle.remove()
         self._handles.clear()
         if self.optimizer is not None:
-            from lightning_landscape.optim.stability_kfac import detach
+            from ..stability_kfac import detach
 
             detach(self, self.optimizer)

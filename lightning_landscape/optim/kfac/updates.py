@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from lightning_landscape.optim.kfac import distributed as D
-from lightning_landscape.optim.kfac.factors import DampingMode
-from lightning_landscape.optim.kfac.layer import KFACLayer
+from . import distributed as D
+from .factors import DampingMode
+from .layer import KFACLayer
 
 __all__ = [
     "gradients_finite",
