@@ -102,6 +102,24 @@ def deadline(seconds: float) -> Iterator[threading.Event]:
         timer.cancel()
 
 
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, folder: str) -> Iterator[None]:
+    """In a spawned child: one torch thread, join the gloo group of ``world`` ranks through a
+    file in ``folder`` (collectives time out before the launcher's deadline), leave it on exit."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{folder}/rendezvous",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=TIMEOUT / 2),
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def spawn(fn: Callable[..., None], args: tuple[Any, ...], world: int) -> None:
     """Run ``fn(rank, *args)`` on ``world`` spawned processes; fail on error or deadlock."""
     start = time.monotonic()
@@ -190,20 +208,10 @@ def _nan_checks(model: nn.Module, rank: int, world: int) -> dict[str, torch.Tens
 
 def torch_worker(rank: int, world: int, folder: str) -> None:
     """Spawned child: join a gloo group, measure this rank's shard, save to ``rank<r>.pt``."""
-    torch.set_num_threads(1)
     start = time.perf_counter()
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{folder}/rendezvous",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=TIMEOUT / 2),
-    )
-    try:
+    with gloo_group(rank, world, folder):
         model = mlp()
         out = measure_all(model, Probe.from_samples(shard(rank, world), batch_size=PROBE_BATCH))
         out.update(_nan_checks(model, rank, world))
         out["seconds"] = _f64(time.perf_counter() - start)
         torch.save(out, f"{folder}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import time
 
 import torch
@@ -13,7 +12,7 @@ from lightning_landscape.measures.gradient_flow import Flow, step_gap, window_de
 from lightning_landscape.measures.operators import NonFiniteError, ProbeHessian
 from lightning_landscape.measures.probe import Probe
 
-from .ddp_workers import PROBE_BATCH, TIMEOUT, ce, mlp, shard, vectors
+from .ddp_workers import PROBE_BATCH, ce, gloo_group, mlp, shard, vectors
 
 LR = 0.3
 
@@ -68,21 +67,11 @@ def _nan_checks(model: nn.Module, rank: int, world: int) -> dict[str, torch.Tens
 
 def flow_worker(rank: int, world: int, folder: str) -> None:
     """Spawned child: join a gloo group, measure this rank's shard, save ``rank<r>.pt``."""
-    torch.set_num_threads(1)
     start = time.perf_counter()
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{folder}/rendezvous",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=TIMEOUT / 2),
-    )
-    try:
+    with gloo_group(rank, world, folder):
         model = mlp()
         probe = Probe.from_samples(shard(rank, world), batch_size=PROBE_BATCH)
         out = measure_flow(model, probe)
         out.update(_nan_checks(model, rank, world))
         out["seconds"] = torch.tensor(time.perf_counter() - start)
         torch.save(out, f"{folder}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()

@@ -15,7 +15,6 @@ Three scenarios per launch, all in float64 on a tiny CNN (Conv2d + Linear):
 from __future__ import annotations
 
 import contextlib
-import datetime
 import time
 
 import torch
@@ -25,7 +24,7 @@ from torch.nn import functional as F
 
 from lightning_landscape.optim.kfac import KFACPreconditioner
 
-from .ddp_workers import TIMEOUT
+from .ddp_workers import gloo_group
 
 UNEQUAL = (7, 11, 4)
 EQUAL = 4  # samples per rank and step in the DDP scenarios
@@ -120,16 +119,8 @@ def pack(prefix: str, params: list[torch.Tensor], factors: dict) -> dict[str, to
 
 def kfac_worker(rank: int, world: int, folder: str) -> None:
     """Spawned child: join a gloo group, run every scenario, save ``rank<r>.pt``."""
-    torch.set_num_threads(1)
     start = time.perf_counter()
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{folder}/rendezvous",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=TIMEOUT / 2),
-    )
-    try:
+    with gloo_group(rank, world, folder):
         out = factors_scenario(rank, world)
         for label, kw in (("steps", {}), ("distributed", {"distribute": True}),
                           ("accumulate", {"micro": 2})):  # fmt: skip
@@ -137,5 +128,3 @@ def kfac_worker(rank: int, world: int, folder: str) -> None:
             out.update(pack(label, *train(ddp, world, rank, **kw)))  # type: ignore[arg-type]
         out["seconds"] = torch.tensor(time.perf_counter() - start)
         torch.save(out, f"{folder}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()

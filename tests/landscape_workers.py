@@ -7,7 +7,6 @@ union to get the single-process reference.
 
 from __future__ import annotations
 
-import datetime
 import time
 
 import torch
@@ -22,7 +21,7 @@ from lightning_landscape.measures.landscape import (
 from lightning_landscape.measures.operators import ProbeHessian, flatten
 from lightning_landscape.measures.probe import Probe
 
-from .ddp_workers import PROBE_BATCH, TIMEOUT, ce, mlp, shard
+from .ddp_workers import PROBE_BATCH, ce, gloo_group, mlp, shard
 
 RESOLUTION = 5  # 26 points per 2-D surface (with θ), in chunks of CHUNK
 CHUNK = 7
@@ -67,19 +66,9 @@ def landscape_all(model: nn.Module, probe: Probe) -> dict[str, torch.Tensor]:
 
 def landscape_worker(rank: int, world: int, folder: str) -> None:
     """Spawned child: join a gloo group, evaluate on this rank's shard, save ``rank<r>.pt``."""
-    torch.set_num_threads(1)
     start = time.perf_counter()
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{folder}/rendezvous",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=TIMEOUT / 2),
-    )
-    try:
+    with gloo_group(rank, world, folder):
         probe = Probe.from_samples(shard(rank, world), batch_size=PROBE_BATCH)
         out = landscape_all(mlp(), probe)
         out["seconds"] = torch.tensor(time.perf_counter() - start)
         torch.save(out, f"{folder}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()

@@ -5,8 +5,6 @@ Kept free of Lightning so a spawned child imports it quickly (see ``tests/ddp_wo
 
 from __future__ import annotations
 
-import datetime
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -15,7 +13,7 @@ from lightning_landscape.measures.operators import NonFiniteError
 from lightning_landscape.measures.probe import Probe
 from lightning_landscape.measures.variance import sample_variance
 
-from .ddp_workers import PROBE_BATCH, SHARDS, TIMEOUT
+from .ddp_workers import PROBE_BATCH, SHARDS, gloo_group
 
 
 def conv_net(seed: int = 0) -> nn.Sequential:
@@ -60,15 +58,7 @@ def measure(x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def variance_worker(rank: int, world: int, folder: str) -> None:
     """Spawned child: join a gloo group, measure this rank's shard, save to ``rank<r>.pt``."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{folder}/rendezvous",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=TIMEOUT / 2),
-    )
-    try:
+    with gloo_group(rank, world, folder):
         out = measure(shard(rank, world))
         try:  # a NaN on rank 1 only: every rank must raise, and stay in step
             measure(shard(rank, world, nan=True))
@@ -79,5 +69,3 @@ def variance_worker(rank: int, world: int, folder: str) -> None:
         dist.all_reduce(alive)
         out["alive"] = alive
         torch.save(out, f"{folder}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
