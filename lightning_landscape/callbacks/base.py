@@ -11,17 +11,27 @@ A subclass implements :meth:`MeasurementCallback.measure` — a pure computation
   default wall-time budget ``max_overhead``);
 - runs the measurement inside :func:`~lightning_landscape.measures.guard.guard`, so training is
   bit-identical with and without the callback;
-- turns a non-finite loss/HVP into one warning and a ``skipped`` count (every rank sees the same
-  reduced value, so all ranks skip together);
-- logs ``landscape/<family>/<quantity>`` through ``trainer.loggers`` at ``step=global_step``,
-  only on measured steps, and writes the TensorBoard "Landscape" layout once;
+- never ends training: any exception while measuring is a skip with one warning per cause and a
+  ``skipped`` count, decided collectively under DDP (:mod:`~lightning_landscape.callbacks.failures`);
+  an out-of-memory error frees what the measurement held and retries once with half-size probe
+  batches; ``strict=True`` re-raises instead;
+- logs ``landscape/<name>/<quantity>`` (``name`` defaults to the family, so two instances of one
+  callback can coexist) through ``trainer.loggers`` at ``step=global_step``, only on measured
+  steps, and writes the TensorBoard "Landscape" layout once;
 - does nothing under ``fast_dev_run``; checkpoints its counters, cadence and warm-start vectors.
+
+The state shared by the callbacks of one fit (probes, solves, warm starts) is created in
+``setup`` and dropped in ``teardown``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import re
 import time
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -34,11 +44,18 @@ from typing_extensions import override
 
 from lightning_landscape import panels
 from lightning_landscape.callbacks.cadence import Cadence
-from lightning_landscape.callbacks.shared import SolveRequest, module_loss, shared_state
+from lightning_landscape.callbacks.failures import Decision, FailurePolicy, local_flags
+from lightning_landscape.callbacks.shared import (
+    SolveRequest,
+    close_run,
+    module_loss,
+    open_run,
+    shared_state,
+)
 from lightning_landscape.measures.eigen import EigenEstimate
 from lightning_landscape.measures.guard import BNMode, guard, preserved_rng
-from lightning_landscape.measures.operators import NonFiniteError, ProbeHessian
-from lightning_landscape.measures.probe import Probe, index_batch, slice_batch
+from lightning_landscape.measures.operators import ProbeHessian
+from lightning_landscape.measures.probe import Probe, cat_batches, index_batch, slice_batch
 
 __all__ = ["MeasureContext", "MeasurementCallback"]
 
@@ -51,6 +68,29 @@ def _positive_int(name: str, value: Any) -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
+
+
+def _check_name(name: Any) -> None:
+    if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
+        raise ValueError(
+            "`name` must be None or a non-empty tag segment of letters, digits, '_', '.', '-' "
+            f"(and inner '/'), got {name!r}"
+        )
+
+
+def _halved(probe: Probe) -> Probe:
+    """The same samples in batches of half the size (an out-of-memory retry)."""
+    size = max(1, max(probe.sizes) // 2)
+    return Probe.from_samples(cat_batches(probe.batches), batch_size=size)
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class MeasureContext:
@@ -99,11 +139,8 @@ class MeasureContext:
             ):
                 requests.append(peer.solve_request())  # type: ignore[arg-type]
         shared = shared_state(self.trainer)
-        if cb.solve_key not in shared.warm and "hessian" in cb.vectors:
-            shared.warm[cb.solve_key] = cb.vectors["hessian"]
         solve, computed = shared.top_k(cb.solve_key, self.step, self.operator(), requests, cb.seed)
         self.cost_adjustment += solve.share - (solve.seconds if computed else 0.0)
-        cb.vectors["hessian"] = shared.warm[cb.solve_key].cpu()
         return solve.estimate
 
 
@@ -127,7 +164,10 @@ class MeasurementCallback(Callback):
         bn: BNMode = "eval",
         dropout: bool = False,
         seed: int = 0,
+        name: str | None = None,
+        strict: bool = False,
     ) -> None:
+        _check_name(name)
         _positive_int("probe_size", probe_size)
         _positive_int("probe_batch_size", probe_batch_size)
         if bn not in ("eval", "batch"):
@@ -143,14 +183,17 @@ class MeasurementCallback(Callback):
         self.bn: BNMode = bn
         self.dropout = bool(dropout)
         self.seed = seed
+        self.name: str = name if name is not None else self.family
+        self.strict = bool(strict)
         self.probe: Probe | None = None
-        self.skipped = 0
+        self.failures = FailurePolicy(self._owner_name(), self.tag("skipped"))
         self.vectors: dict[str, torch.Tensor] = {}
         self.last_metrics: dict[str, float] = {}
         self.seconds = 0.0
         self._last_step = -1
         self._decision: tuple[int, bool] = (-1, False)
         self._warned: set[str] = set()
+        self._shared_warm: dict[str, torch.Tensor] | None = None  # loaded, not yet handed over
 
     # -- what subclasses provide -----------------------------------------------------------
     def measure(self, ctx: MeasureContext) -> dict[str, float]:
@@ -166,6 +209,37 @@ class MeasurementCallback(Callback):
         return None
 
     # -- identity ----------------------------------------------------------------------------
+    def _owner_name(self) -> str:
+        cls = type(self).__name__
+        return cls if self.name == self.family else f"{cls}(name={self.name!r})"
+
+    def tag(self, quantity: str) -> str:
+        """The full tag of ``quantity``: ``landscape/<name>/<quantity>``."""
+        return f"landscape/{self.name}/{quantity}"
+
+    @property
+    def skipped(self) -> int:
+        """Measurements skipped so far (logged as ``landscape/<name>/skipped``)."""
+        return self.failures.skipped
+
+    @property
+    def disabled(self) -> bool:
+        """Whether this callback stopped measuring for the rest of the run (repeated failures)."""
+        return self.failures.disabled
+
+    def instance_charts(self) -> list[panels.Chart]:
+        """:meth:`charts` with tags and titles of this instance (``name`` ≠ family)."""
+        charts = self.charts()
+        if self.name == self.family:
+            return charts
+        old, new = f"landscape/{self.family}/", f"landscape/{self.name}/"
+        return [
+            panels.Chart(
+                f"{c.title} ({self.name})", tuple(t.replace(old, new) for t in c.tags), c.kind
+            )
+            for c in charts
+        ]
+
     @property
     def probe_key(self) -> tuple[Any, ...]:
         return (self.probe_size, self.probe_batch_size, id(self.probe_dataloader))
@@ -177,12 +251,20 @@ class MeasurementCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(family=self.family, probe_size=self.probe_size, bn=self.bn)
+        return self._generate_state_key(
+            family=self.family, name=self.name, probe_size=self.probe_size, bn=self.bn
+        )
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
             rank_zero_warn(message, category=UserWarning)
+
+    def _peers(self, trainer: pl.Trainer) -> list[MeasurementCallback]:
+        return [cb for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)]  # type: ignore[attr-defined]
+
+    def _owns_warm_start(self, trainer: pl.Trainer) -> bool:
+        return shared_state(trainer).owners.get(self.solve_key) == id(self)
 
     # -- schedule ----------------------------------------------------------------------------
     def is_due(self, trainer: pl.Trainer, step: int) -> bool:
@@ -206,12 +288,42 @@ class MeasurementCallback(Callback):
 
     # -- hooks -------------------------------------------------------------------------------
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer = weakref.ref(trainer)
+        peers = self._peers(trainer)
+        if peers and peers[0] is self:  # the first measurement callback opens the run
+            shared = open_run(trainer)
+            for cb in peers:
+                shared.owners.setdefault(cb.solve_key, id(cb))
+        self.probe = None
+        self.failures.reset_run()
+        self._last_step = -1
+        self._decision = (-1, False)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        # the shared state goes (this callback keeps a reference to its last probe for
+        # inspection; the next fit captures a new one)
+        peers = self._peers(trainer)
+        if peers and peers[-1] is self:  # the last one closes it
+            close_run(trainer)
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active(trainer):
             return
-        self.probe = self._capture_probe(trainer, pl_module)
+        self.probe = self._start_probe(trainer, pl_module)
         shared = shared_state(trainer)
-        peers = [cb for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)]  # type: ignore[attr-defined]
+        if self._shared_warm is not None:  # a resumed owner hands its warm start over
+            for key_name, vector in self._shared_warm.items():
+                if key_name == "solve":
+                    shared.warm.setdefault(self.solve_key, vector)
+            self._shared_warm = None
+        peers = self._peers(trainer)
         if peers and peers[0] is self:
             # the first measurement callback starts every clock before anything is measured,
             # so each budget counts the same wall time (a shared solve is charged to several)
@@ -219,9 +331,9 @@ class MeasurementCallback(Callback):
             for cb in peers:
                 cb.cadence.start(trainer.global_step)
         if not shared.layout_written:
-            charts = [chart for cb in peers for chart in cb.charts()]
+            charts = [chart for cb in peers for chart in cb.instance_charts()]
             shared.layout_written = panels.write_layout(trainer, charts) or True
-        if trainer.global_step == 0 and self.measure_at_start:
+        if trainer.global_step == 0 and self.measure_at_start and self.probe is not None:
             self._decision = (0, True)
             self._measure(trainer, pl_module)
         self._last_step = trainer.global_step
@@ -243,6 +355,40 @@ class MeasurementCallback(Callback):
             self._measure(trainer, pl_module)
 
     # -- measuring ---------------------------------------------------------------------------
+    def _collective(self, trainer: pl.Trainer, device: torch.device, error: Exception | None):  # type: ignore[no-untyped-def]
+        """Every rank's failure flags, max-reduced: the same :class:`Decision` everywhere."""
+        flags = torch.tensor(local_flags(error), dtype=torch.float64)
+        if trainer.world_size > 1:
+            reduced = trainer.strategy.reduce(flags.to(device), reduce_op="max")
+            flags = torch.as_tensor(reduced).detach().cpu()
+        failed, oom, code = (float(x) for x in flags.tolist())
+        return Decision(failed > 0, oom > 0, int(code))
+
+    def _start_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Probe | None:
+        """Capture the probe; a failure (not a bad argument) disables this callback, collectively."""
+        probe, error = None, None
+        try:
+            probe = self._capture_probe(trainer, pl_module)
+        except ValueError:
+            raise  # a bad argument (probe_size < world size): the user's to fix
+        except Exception as err:
+            if self.strict:
+                raise
+            error = err
+        decision = self._collective(trainer, pl_module.device, error)
+        if decision.failed:
+            self.failures.disabled = True
+            if error is not None or trainer.is_global_zero:
+                warnings.warn(
+                    f"{self._owner_name()}: could not capture the probe "
+                    f"({type(error).__name__ if error else 'on another process'}: {error or ''}); "
+                    "it measures nothing in this run. Training goes on.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return None
+        return probe
+
     def _capture_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Probe:
         shared = shared_state(trainer)
         if self.probe_key in shared.probes:
@@ -285,18 +431,10 @@ class MeasurementCallback(Callback):
         shared.probes[self.probe_key] = probe
         return probe
 
-    def _pauses(self, trainer: pl.Trainer) -> list[contextlib.AbstractContextManager[Any]]:
-        return [
-            cb.paused()
-            for cb in trainer.callbacks  # type: ignore[attr-defined]
-            if cb is not self and callable(getattr(cb, "paused", None))
-        ]
-
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        device = pl_module.device
-        _sync(device)
-        start = time.perf_counter()
-        ctx = MeasureContext(self, trainer, pl_module)
+    def _attempt(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
+    ) -> tuple[dict[str, float] | None, Exception | None]:
+        """One try of :meth:`measure` in the guard: ``(metrics, None)`` or ``(None, error)``."""
         try:
             with guard(
                 pl_module,
@@ -305,15 +443,54 @@ class MeasurementCallback(Callback):
                 seed=self.seed,
                 pauses=self._pauses(trainer),
             ):
-                metrics = self.measure(ctx)
-        except NonFiniteError as err:
-            self.skipped += 1
+                return self.measure(ctx), None
+        except Exception as err:
+            if self.strict:
+                raise
+            return None, err
+        finally:
+            for op in ctx._operators.values():
+                op.release()
+
+    def _pauses(self, trainer: pl.Trainer) -> list[contextlib.AbstractContextManager[Any]]:
+        return [
+            cb.paused()
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+            if cb is not self and callable(getattr(cb, "paused", None))
+        ]
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.failures.disabled or self.probe is None:
+            return
+        device = pl_module.device
+        _sync(device)
+        start = time.perf_counter()
+        ctx = MeasureContext(self, trainer, pl_module)
+        metrics, error = self._attempt(trainer, pl_module, ctx)
+        decision = self._collective(trainer, device, error)
+        if decision.failed and decision.out_of_memory and max(self.probe.sizes) > 1:
+            # free what the failed try held, then once more with half-size probe batches
+            del ctx
+            metrics = error = None
+            _free_memory(device)
+            self.probe = _halved(self.probe)
+            shared_state(trainer).probes[self.probe_key] = self.probe
             self.warn_once(
-                f"{type(self).__name__}: skipped a measurement at step {trainer.global_step} "
-                f"({err}); training goes on. Further skips are counted in "
-                f"landscape/{self.family}/skipped."
+                f"{self._owner_name()}: a measurement ran out of memory; probe batches are "
+                f"halved to {max(self.probe.sizes)} samples for the rest of the run."
             )
-            metrics = {"skipped": float(self.skipped)}
+            ctx = MeasureContext(self, trainer, pl_module)
+            metrics, error = self._attempt(trainer, pl_module, ctx)
+            decision = self._collective(trainer, device, error)
+        if decision.failed or metrics is None:
+            self.failures.failed(
+                decision, error, announce=error is not None or trainer.is_global_zero
+            )
+            metrics = {"skipped": float(self.failures.skipped)}
+            if error is not None and decision.out_of_memory:
+                _free_memory(device)
+        else:
+            self.failures.succeeded()
         _sync(device)
         wall = time.perf_counter() - start
         shared_state(trainer).busy += wall
@@ -325,7 +502,7 @@ class MeasurementCallback(Callback):
     def _log(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]
     ) -> None:
-        scalars = {f"landscape/{self.family}/{k}": float(v) for k, v in metrics.items()}
+        scalars = {self.tag(k): float(v) for k, v in metrics.items()}
         self.last_metrics = scalars
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
@@ -339,16 +516,25 @@ class MeasurementCallback(Callback):
     # -- checkpointing -----------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "cadence": self.cadence.state_dict(),
             "skipped": self.skipped,
             "seconds": self.seconds,
             "vectors": {k: v.detach().cpu() for k, v in self.vectors.items()},
         }
+        # the shared solve's warm start goes into the checkpoint once: with its owner
+        ref = getattr(self, "_trainer", None)
+        trainer = ref() if ref is not None else None
+        if trainer is not None and self._owns_warm_start(trainer):
+            warm = shared_state(trainer).warm.get(self.solve_key)
+            if warm is not None:
+                state["shared_warm"] = {"solve": warm.detach().cpu()}
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.cadence.load_state_dict(state_dict.get("cadence", {}))
-        self.skipped = int(state_dict.get("skipped", 0))
+        self.failures.skipped = int(state_dict.get("skipped", 0))
         self.seconds = float(state_dict.get("seconds", 0.0))
         self.vectors = dict(state_dict.get("vectors", {}))
+        self._shared_warm = state_dict.get("shared_warm")

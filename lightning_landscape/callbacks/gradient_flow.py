@@ -127,7 +127,7 @@ class GradientFlowDeviation(MeasurementCallback):
 
     Args:
         every_n_steps, schedule, max_overhead, probe_size, probe_batch_size, probe_dataloader,
-            bn, dropout, seed: as for :class:`~lightning_landscape.callbacks.Sharpness` (the
+            bn, dropout, seed, name, strict: as for :class:`~lightning_landscape.callbacks.Sharpness` (the
             cadence is that of ``step_gap``).
         window: steps ``k`` per deviation window (``0``: no windows).
         window_every_n_steps: start a window at every multiple of this (``>= window``;
@@ -165,6 +165,8 @@ class GradientFlowDeviation(MeasurementCallback):
         bn: BNMode = "eval",
         dropout: bool = False,
         seed: int = 0,
+        name: str | None = None,
+        strict: bool = False,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -176,6 +178,8 @@ class GradientFlowDeviation(MeasurementCallback):
             bn=bn,
             dropout=dropout,
             seed=seed,
+            name=name,
+            strict=strict,
         )
         if not _is_int(window, 0):
             raise ValueError(f"`window` must be an integer >= 0, got {window!r}")

@@ -68,7 +68,7 @@ class HessianEigenvalues(MeasurementCallback):
         per_layer: ``True`` for every module owning parameters, or a list of module names.
         rmed: log R_med per module. rmed_samples: Hutchinson samples for the diagonal.
         every_n_steps, schedule, max_overhead, probe_size, probe_batch_size, probe_dataloader,
-        bn, dropout, seed: as in :class:`~lightning_landscape.callbacks.Sharpness`.
+        bn, dropout, seed, name, strict: as in :class:`~lightning_landscape.callbacks.Sharpness`.
 
     Example::
 
@@ -103,6 +103,8 @@ class HessianEigenvalues(MeasurementCallback):
         bn: BNMode = "eval",
         dropout: bool = False,
         seed: int = 0,
+        name: str | None = None,
+        strict: bool = False,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -114,6 +116,8 @@ class HessianEigenvalues(MeasurementCallback):
             bn=bn,
             dropout=dropout,
             seed=seed,
+            name=name,
+            strict=strict,
         )
         _check_int("k", k, 1)
         _check_int("max_iter", max_iter, 1, allow_none=True)
@@ -212,5 +216,5 @@ class HessianEigenvalues(MeasurementCallback):
                 est.eigenvalues.tolist(),
                 title=f"Hessian spectrum, step {ctx.step}",
             )
-            panels.log_figure(ctx.trainer, "landscape/hessian/density", fig, ctx.step)
+            panels.log_figure(ctx.trainer, self.tag("density"), fig, ctx.step)
         return out

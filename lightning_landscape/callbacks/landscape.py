@@ -139,7 +139,7 @@ class LossLandscape(MeasurementCallback):
         keep_1d: keep biases and 1-D parameters in the directions (rescaled to their norm).
         chunk_size: grid points per all-reduce and per progress-bar update.
         save_npz: write the raw numbers on rank 0.
-        probe_size, probe_batch_size, probe_dataloader, dropout, seed: as in
+        probe_size, probe_batch_size, probe_dataloader, dropout, seed, name, strict: as in
             :class:`~lightning_landscape.callbacks.Sharpness` (``seed`` draws the directions).
         bn: ``"batch"`` (default, see above) or ``"eval"``.
 
@@ -175,6 +175,8 @@ class LossLandscape(MeasurementCallback):
         bn: BNMode = "batch",
         dropout: bool = False,
         seed: int = 0,
+        name: str | None = None,
+        strict: bool = False,
     ) -> None:
         super().__init__(
             schedule=_never,
@@ -184,6 +186,8 @@ class LossLandscape(MeasurementCallback):
             bn=bn,
             dropout=dropout,
             seed=seed,
+            name=name,
+            strict=strict,
         )
         if every_n_epochs is not None:
             _check_int("every_n_epochs", every_n_epochs, 1)
@@ -350,7 +354,7 @@ class LossLandscape(MeasurementCallback):
                 losses.tolist(),
                 title=f"Loss landscape, step {step}",
             )
-        panels.log_figure(trainer, "landscape/landscape/surface", fig, step)
+        panels.log_figure(trainer, self.tag("surface"), fig, step)
         if interp is not None:
             fig = panels.curve_figure(
                 interp.t.tolist(),
@@ -358,7 +362,7 @@ class LossLandscape(MeasurementCallback):
                 title=f"Initial -> current weights, barrier {interp.barrier:.3g}",
                 xlabel=f"t (0: initial weights, 1: step {step})",
             )
-            panels.log_figure(trainer, "landscape/landscape/interpolation", fig, step)
+            panels.log_figure(trainer, self.tag("interpolation"), fig, step)
 
     def _save(
         self, folder: str, step: int, surface: LossSurface, interp: Interpolation | None

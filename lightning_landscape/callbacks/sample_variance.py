@@ -64,6 +64,7 @@ class SampleVarianceDecay(MeasurementCallback):
         bn: ``"batch"`` (probe-batch statistics, default) or ``"eval"`` (running statistics).
         dropout: keep dropout active while measuring.
         seed: seed inside the measurement (identical on all ranks).
+        name, strict: as in :class:`~lightning_landscape.callbacks.Sharpness`.
 
     Example::
 
@@ -92,6 +93,8 @@ class SampleVarianceDecay(MeasurementCallback):
         bn: BNMode = "batch",
         dropout: bool = False,
         seed: int = 0,
+        name: str | None = None,
+        strict: bool = False,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -103,6 +106,8 @@ class SampleVarianceDecay(MeasurementCallback):
             bn=bn,
             dropout=dropout,
             seed=seed,
+            name=name,
+            strict=strict,
         )
         if modules is not None and (
             isinstance(modules, str) or not modules or not all(isinstance(n, str) for n in modules)
@@ -128,7 +133,11 @@ class SampleVarianceDecay(MeasurementCallback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(
-            family=self.family, probe_size=self.probe_size, bn=self.bn, modules=self.modules
+            family=self.family,
+            name=self.name,
+            probe_size=self.probe_size,
+            bn=self.bn,
+            modules=self.modules,
         )
 
     @override
@@ -137,6 +146,7 @@ class SampleVarianceDecay(MeasurementCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         select_modules(pl_module, self.modules)  # unknown names fail before training starts
 
     @override
@@ -159,7 +169,7 @@ class SampleVarianceDecay(MeasurementCallback):
                     title=f"Sample variance by layer, step {ctx.step}",
                     ylabel="var / (var + mean²)",
                 )
-                panels.log_figure(ctx.trainer, f"landscape/{self.family}/profile", figure, ctx.step)
+                panels.log_figure(ctx.trainer, self.tag("profile"), figure, ctx.step)
         return out
 
     def _profile_due(self, step: int) -> bool:

@@ -4,16 +4,20 @@
   LightningModule defines it, else ``training_step(batch, 0)`` with ``self.log``/``log_dict``
   silenced (nothing spurious may reach the loggers) and the loss taken from a tensor or
   ``["loss"]``.
-- :class:`Shared` — one per Trainer: probes keyed by their configuration (two callbacks with the
-  same probe options hold one probe), and the top-k eigen solves of the current step, so when
-  ``Sharpness`` and ``HessianEigenvalues`` measure at the same step λ_max is computed once
-  (with ``k`` = the largest any due callback asks for), warm-started from the last solve.
+- :class:`Shared` — one per fit (created in ``setup``, dropped in ``teardown``, so a second
+  ``fit`` or a new Trainer captures a fresh probe): probes keyed by their configuration (two
+  callbacks with the same probe options hold one probe), and the top-k eigen solves of the
+  current step, so when ``Sharpness`` and ``HessianEigenvalues`` measure at the same step λ_max
+  is computed once (with ``k`` = the largest any due callback asks for), warm-started from the
+  last solve. The warm start of each solve key is checkpointed once, by its *owner* (the first
+  callback with that key).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +29,26 @@ from torch import nn
 from lightning_landscape.measures.eigen import EigenEstimate, top_eigen
 from lightning_landscape.measures.operators import ProbeHessian
 
-__all__ = ["Shared", "Solve", "SolveRequest", "module_loss", "shared_state"]
+__all__ = [
+    "LossExtractionError",
+    "Shared",
+    "Solve",
+    "SolveRequest",
+    "close_run",
+    "module_loss",
+    "open_run",
+    "shared_state",
+]
+
+
+class LossExtractionError(TypeError):
+    """``training_step`` gave nothing a measurement can differentiate at a measured step."""
+
+
+_LOSS_HINT = (
+    "define `landscape_loss(self, batch) -> Tensor` on the LightningModule so measurements "
+    "know which loss to differentiate"
+)
 
 
 def _noop(*_args: Any, **_kwargs: Any) -> None:
@@ -47,14 +70,25 @@ def silenced_logging(module: pl.LightningModule) -> Iterator[None]:
 
 
 def _extract_loss(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict) and isinstance(out.get("loss"), torch.Tensor):
-        return out["loss"]
-    raise TypeError(
-        "training_step must return a loss tensor or a dict with a 'loss' tensor for measurement; "
-        "define `landscape_loss(self, batch) -> Tensor` on the LightningModule otherwise"
-    )
+    loss = out.get("loss") if isinstance(out, dict) else out
+    if not isinstance(loss, torch.Tensor):
+        what = (
+            "None"
+            if out is None
+            else "a dict without a 'loss' tensor"
+            if isinstance(out, dict)
+            else f"a {type(out).__name__}"
+        )
+        raise LossExtractionError(
+            f"training_step returned {what}, not a loss tensor or a dict with a 'loss' tensor; "
+            + _LOSS_HINT
+        )
+    if loss.numel() != 1:
+        raise LossExtractionError(
+            f"training_step returned a loss of shape {tuple(loss.shape)}, not a scalar; "
+            + _LOSS_HINT
+        )
+    return loss.reshape(())
 
 
 def module_loss(pl_module: pl.LightningModule) -> Callable[[nn.Module, Any], torch.Tensor]:
@@ -63,10 +97,7 @@ def module_loss(pl_module: pl.LightningModule) -> Callable[[nn.Module, Any], tor
     if callable(custom):
         return lambda model, batch: model.landscape_loss(batch)  # type: ignore[operator]
     if not pl_module.automatic_optimization:
-        raise TypeError(
-            "with manual optimization, define `landscape_loss(self, batch) -> Tensor` on the "
-            "LightningModule so measurements know which loss to differentiate"
-        )
+        raise LossExtractionError("with manual optimization, " + _LOSS_HINT)
 
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         assert isinstance(model, pl.LightningModule)
@@ -109,6 +140,8 @@ class Shared:
     warm: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
     layout_written: bool = False
     busy: float = 0.0  # wall seconds measured by all callbacks since training (re)started
+    #: solve key -> id of the callback that checkpoints that key's warm start
+    owners: dict[tuple[Any, ...], int] = field(default_factory=dict)
 
     def top_k(
         self,
@@ -145,10 +178,23 @@ class Shared:
         return solve, True
 
 
+_RUNS: weakref.WeakKeyDictionary[pl.Trainer, Shared] = weakref.WeakKeyDictionary()
+
+
+def open_run(trainer: pl.Trainer) -> Shared:
+    """Start a fresh :class:`Shared` for ``trainer`` (called in ``setup``)."""
+    _RUNS[trainer] = Shared()
+    return _RUNS[trainer]
+
+
+def close_run(trainer: pl.Trainer) -> None:
+    """Drop ``trainer``'s :class:`Shared` (called in ``teardown``): probes and graphs go."""
+    _RUNS.pop(trainer, None)
+
+
 def shared_state(trainer: pl.Trainer) -> Shared:
-    """The :class:`Shared` object of ``trainer`` (created on first use)."""
-    state = getattr(trainer, "_lightning_landscape_shared", None)
+    """The :class:`Shared` object of ``trainer``'s current run (created on first use)."""
+    state = _RUNS.get(trainer)
     if state is None:
-        state = Shared()
-        trainer._lightning_landscape_shared = state  # type: ignore[attr-defined]
+        state = open_run(trainer)
     return state

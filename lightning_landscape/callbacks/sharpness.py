@@ -55,6 +55,10 @@ class Sharpness(MeasurementCallback):
         bn: ``"eval"`` (running statistics) or ``"batch"`` (probe-batch statistics).
         dropout: keep dropout active while measuring.
         seed: seed of the random vectors (identical on all ranks).
+        name: the instance's tag segment: metrics go to ``landscape/<name>/...`` (default
+            ``"sharpness"``); give two instances different names (e.g. ``name="heldout"``
+            with its own ``probe_dataloader``).
+        strict: re-raise an exception inside a measurement instead of skipping it.
         progress_bar: show ``ratio`` (or ``lambda_max``) in the progress bar.
 
     Example::
@@ -87,6 +91,8 @@ class Sharpness(MeasurementCallback):
         bn: BNMode = "eval",
         dropout: bool = False,
         seed: int = 0,
+        name: str | None = None,
+        strict: bool = False,
         progress_bar: bool = True,
     ) -> None:
         super().__init__(
@@ -99,6 +105,8 @@ class Sharpness(MeasurementCallback):
             bn=bn,
             dropout=dropout,
             seed=seed,
+            name=name,
+            strict=strict,
         )
         if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
             raise ValueError(f"`max_iter` must be a positive integer, got {max_iter!r}")
@@ -222,7 +230,7 @@ class Sharpness(MeasurementCallback):
         key = "ratio" if "ratio" in metrics else "lambda_max"
         if key in metrics:
             pl_module.log(
-                f"sharpness_{key}",
+                f"{self.name.replace('/', '_')}_{key}",
                 torch.tensor(metrics[key]),
                 prog_bar=True,
                 logger=False,

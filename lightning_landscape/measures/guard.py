@@ -17,6 +17,18 @@ still restored) or ``dropout=True``. Gradients are enabled even when the caller 
 ``torch.inference_mode`` or ``torch.no_grad``, and autocast is disabled so the measurement runs
 in the parameters' own precision.
 
+Two things make second-order measurements possible on models whose training path cannot be
+differentiated twice, and both are undone on exit:
+
+- ``F.scaled_dot_product_attention`` runs on its *math* backend
+  (``torch.nn.attention.sdpa_kernel``): the fused flash / memory-efficient kernels that
+  ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and most transformers use have no
+  double-backward formula, the math backend is plain differentiable torch;
+- code compiled with ``torch.compile`` runs eagerly (``torch.compiler.set_stance("force_eager")``): the
+  compiled graph does not support double backward, the eager module has the same parameters
+  and computes the same function (only when ``torch._dynamo`` was imported, i.e. something may
+  be compiled; otherwise there is nothing to switch off).
+
 Example::
 
     >>> import torch
@@ -35,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 import types
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -43,8 +56,16 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["guard", "preserved_rng", "BNMode", "BATCHNORM_TYPES", "DROPOUT_TYPES"]
+__all__ = [
+    "guard",
+    "preserved_rng",
+    "second_order_mode",
+    "BNMode",
+    "BATCHNORM_TYPES",
+    "DROPOUT_TYPES",
+]
 
 BNMode = Literal["eval", "batch"]
 
@@ -86,6 +107,16 @@ def preserved_rng() -> Iterator[None]:
         yield
     finally:
         _restore_rng(states)
+
+
+@contextlib.contextmanager
+def second_order_mode() -> Iterator[None]:
+    """Math SDPA backend and eager ``torch.compile`` regions, so double backward works."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if "torch._dynamo" in sys.modules:  # nothing can be compiled before dynamo is imported
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        yield
 
 
 def _check_bn(bn: str) -> None:
@@ -151,6 +182,7 @@ def guard(
             stack.enter_context(torch.enable_grad())
             with contextlib.suppress(RuntimeError):  # device types without autocast support
                 stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            stack.enter_context(second_order_mode())
             for pause in pauses:
                 stack.enter_context(pause)
             yield model

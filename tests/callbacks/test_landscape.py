@@ -196,7 +196,10 @@ def test_fast_dev_run_does_nothing() -> None:
 
 
 def test_progress_bar_follows_the_trainer(capsys: pytest.CaptureFixture[str]) -> None:
-    fit([LossLandscape(**SMALL)], max_steps=2, enable_progress_bar=True)
+    # the TQDM bar explicitly: with `rich` installed (e.g. pulled in by transformers) Lightning
+    # would pick its rich bar, whose live display does not reach the captured stdout
+    tqdm_bar = pl.callbacks.TQDMProgressBar()
+    fit([LossLandscape(**SMALL), tqdm_bar], max_steps=2, enable_progress_bar=True)
     assert "Loss landscape" in capsys.readouterr().out
     fit([LossLandscape(**SMALL)], max_steps=2, enable_progress_bar=False)
     captured = capsys.readouterr()
