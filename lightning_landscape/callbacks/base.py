@@ -33,16 +33,16 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DistributedSampler
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_landscape import panels
+from lightning_landscape.callbacks import probing
 from lightning_landscape.callbacks.cadence import Cadence
 from lightning_landscape.callbacks.failures import Decision, FailurePolicy, local_flags
 from lightning_landscape.callbacks.shared import (
@@ -53,9 +53,9 @@ from lightning_landscape.callbacks.shared import (
     shared_state,
 )
 from lightning_landscape.measures.eigen import EigenEstimate
-from lightning_landscape.measures.guard import BNMode, guard, preserved_rng
+from lightning_landscape.measures.guard import BNMode, guard
 from lightning_landscape.measures.operators import ProbeHessian
-from lightning_landscape.measures.probe import Probe, cat_batches, index_batch, slice_batch
+from lightning_landscape.measures.probe import Probe, cat_batches
 
 __all__ = ["MeasureContext", "MeasurementCallback"]
 
@@ -79,6 +79,15 @@ def _check_name(name: Any) -> None:
             "`name` must be None or a non-empty tag segment of letters, digits, '_', '.', '-' "
             f"(and inner '/'), got {name!r}"
         )
+
+
+def _run_length(trainer: pl.Trainer) -> int | None:
+    """``trainer.estimated_stepping_batches`` when finite (``None``: unknown)."""
+    try:
+        total = trainer.estimated_stepping_batches
+    except Exception:  # e.g. an iterable dataset without a length and no max_steps
+        return None
+    return int(total) if isinstance(total, (int, float)) and total < float("inf") else None
 
 
 def _halved(probe: Probe) -> Probe:
@@ -158,7 +167,7 @@ class MeasurementCallback(Callback):
         every_n_steps: int | None = None,
         schedule: Callable[[int], bool] | None = None,
         max_overhead: float = 0.025,
-        probe_size: int = 1024,
+        probe_size: int | Literal["auto"] = "auto",
         probe_batch_size: int = 256,
         probe_dataloader: Any = None,
         bn: BNMode = "eval",
@@ -166,18 +175,29 @@ class MeasurementCallback(Callback):
         seed: int = 0,
         name: str | None = None,
         strict: bool = False,
+        min_points: int = 16,
     ) -> None:
         _check_name(name)
-        _positive_int("probe_size", probe_size)
+        if probe_size != "auto":
+            _positive_int("probe_size", probe_size)
         _positive_int("probe_batch_size", probe_batch_size)
         if bn not in ("eval", "batch"):
             raise ValueError(f"`bn` must be 'eval' or 'batch', got {bn!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an integer, got {seed!r}")
         self.cadence = Cadence(
-            every_n_steps=every_n_steps, schedule=schedule, max_overhead=max_overhead
+            every_n_steps=every_n_steps,
+            schedule=schedule,
+            max_overhead=max_overhead,
+            min_points=min_points,
         )
-        self.probe_size = probe_size
+        self.probe_size: int | Literal["auto"] = probe_size
+        #: the global size chosen for ``probe_size="auto"`` (``None`` until chosen)
+        self.auto_size: int | None = None
+        #: what the cadence planned at the first measurement, and what the run measured
+        self.plan_summary: dict[str, Any] = {}
+        self.run_summary: dict[str, Any] = {}
+        self._capture_seconds = 0.0
         self.probe_batch_size = probe_batch_size
         self.probe_dataloader = probe_dataloader
         self.bn: BNMode = bn
@@ -207,6 +227,14 @@ class MeasurementCallback(Callback):
     def solve_request(self) -> SolveRequest | None:
         """What this callback needs from the shared top-k solve (``None``: nothing)."""
         return None
+
+    def expected_products(self) -> tuple[float, float]:
+        """Hessian-vector products (or equivalent passes) of a cold and of a warm measurement.
+
+        Only sizes an automatic probe before anything was timed; the plan then uses measured
+        costs.
+        """
+        return 20.0, 8.0
 
     # -- identity ----------------------------------------------------------------------------
     def _owner_name(self) -> str:
@@ -316,27 +344,92 @@ class MeasurementCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active(trainer):
             return
-        self.probe = self._start_probe(trainer, pl_module)
         shared = shared_state(trainer)
+        peers = self._peers(trainer)
+        if peers and peers[0] is self:
+            # the first measurement callback starts every clock before anything is captured or
+            # measured, so each budget counts the same wall time (a shared solve is charged to
+            # several) and knows the run's length
+            shared.busy = 0.0
+            total = _run_length(trainer)
+            for cb in peers:
+                cb.cadence.start(trainer.global_step, total_steps=total)
+        self.probe = self._start_probe(trainer, pl_module)
         if self._shared_warm is not None:  # a resumed owner hands its warm start over
             for key_name, vector in self._shared_warm.items():
                 if key_name == "solve":
                     shared.warm.setdefault(self.solve_key, vector)
             self._shared_warm = None
-        peers = self._peers(trainer)
-        if peers and peers[0] is self:
-            # the first measurement callback starts every clock before anything is measured,
-            # so each budget counts the same wall time (a shared solve is charged to several)
-            shared.busy = 0.0
-            for cb in peers:
-                cb.cadence.start(trainer.global_step)
         if not shared.layout_written:
             charts = [chart for cb in peers for chart in cb.instance_charts()]
             shared.layout_written = panels.write_layout(trainer, charts) or True
         if trainer.global_step == 0 and self.measure_at_start and self.probe is not None:
             self._decision = (0, True)
             self._measure(trainer, pl_module)
+            self._announce_plan(trainer)
         self._last_step = trainer.global_step
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active(trainer) or not self.cadence.points:
+            return
+        share = self.seconds / max(time.perf_counter() - (self.cadence.start_time or 0.0), 1e-9)
+        self.run_summary = {
+            "points": self.cadence.points,
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+            "share": share,
+        }
+        rank_zero_info(
+            f"{self._owner_name()}: measured {self.cadence.points} times "
+            f"({self.skipped} skipped) in {self.seconds:.1f} s, {100 * share:.1f}% of the "
+            "training wall time."
+        )
+
+    def _announce_plan(self, trainer: pl.Trainer) -> None:
+        """One info line at the first measurement: probe, expected points, expected share."""
+        c = self.cadence
+        size = self.probe.num_samples * trainer.world_size if self.probe is not None else 0
+        points = c.expected_points()
+        self.plan_summary = {
+            "probe_size": size,
+            "auto": self.probe_size == "auto",
+            "expected_points": points,
+            "max_overhead": c.max_overhead,
+            "total_steps": c.total_steps,
+        }
+        if c.every_n_steps is not None or c.schedule is not None:
+            how = "on the steps you scheduled"
+        elif c.planned:
+            how = (
+                f"~{c.min_points}+ points planned over {c.total_steps} steps (the plan is set "
+                "from measured costs)"
+            )
+        else:
+            how = "as often as the budget allows (run length unknown)"
+        f = c.max_overhead
+        budget = f" at ≤{100 * f:g}% of the time" if f is not None else ""
+        rank_zero_info(
+            f"{self._owner_name()}: probe of {size} samples"
+            f"{' (auto)' if self.probe_size == 'auto' else ''}, measuring {how}{budget}."
+        )
+
+    def _check_plan(self, trainer: pl.Trainer) -> None:
+        """Once the warm cost is known: warn once if fewer than ``min_points`` fit."""
+        c = self.cadence
+        if not c.planned or c.points != 3 or "_plan_checked" in self._warned:
+            return
+        self._warned.add("_plan_checked")
+        points = c.expected_points()
+        self.plan_summary["expected_points"] = points
+        if points is not None and points < c.min_points:
+            assert c.max_overhead is not None
+            self.warn_once(
+                f"{self._owner_name()} will measure ~{points} times in this run at "
+                f"{100 * c.max_overhead:g}% of its time (fewer than min_points={c.min_points}); "
+                "raise `max_overhead` or set `every_n_steps`"
+                + (", or lower `probe_size`." if self.probe_size != "auto" else ".")
+            )
 
     @override
     def on_train_batch_end(
@@ -393,42 +486,18 @@ class MeasurementCallback(Callback):
         shared = shared_state(trainer)
         if self.probe_key in shared.probes:
             return shared.probes[self.probe_key]
-        world, rank = trainer.world_size, trainer.global_rank
-        if self.probe_size < world:
-            raise ValueError(
-                f"`probe_size` must be at least the number of processes ({world}), "
-                f"got {self.probe_size!r}"
+        start = time.perf_counter()
+        if self.probe_size == "auto":
+            full = probing.capture(self, trainer, pl_module, probing.AUTO_MAX)
+            size = probing.auto_size(self, trainer, pl_module, full)
+            probe = probing.cut(
+                full, size, trainer.world_size, trainer.global_rank, self.probe_batch_size
             )
-        local = self.probe_size // world + (1 if rank < self.probe_size % world else 0)
-        source = (
-            self.probe_dataloader if self.probe_dataloader is not None else trainer.train_dataloader
-        )
-        if source is None:
-            raise RuntimeError("no training dataloader to capture the probe from")
-        # a user's probe loader that is not sharded: every rank reads the same samples, so take
-        # the first `probe_size` and keep this rank's stride of them (union = those samples)
-        unsharded = (
-            world > 1
-            and self.probe_dataloader is not None
-            and not isinstance(getattr(source, "sampler", None), DistributedSampler)
-        )
-        with preserved_rng():
-            probe = Probe.capture(
-                source,
-                size=self.probe_size if unsharded else local,
-                batch_size=self.probe_size if unsharded else self.probe_batch_size,
-                device=pl_module.device,
-            )
-            if unsharded:
-                mine = slice_batch(probe.batches[0], 0, probe.num_samples)
-                index = torch.arange(rank, probe.num_samples, world, device=pl_module.device)
-                probe = Probe.from_samples(
-                    index_batch(mine, index), batch_size=self.probe_batch_size
-                )
-            transfer = getattr(pl_module, "_apply_batch_transfer_handler", None)
-            if callable(transfer):
-                probe.batches = [transfer(b) for b in probe.batches]
+        else:
+            probe = probing.capture(self, trainer, pl_module, self.probe_size)
         shared.probes[self.probe_key] = probe
+        self._capture_seconds = time.perf_counter() - start  # charged to the first measurement
+        shared.busy += self._capture_seconds  # not training time
         return probe
 
     def _attempt(
@@ -494,8 +563,13 @@ class MeasurementCallback(Callback):
         _sync(device)
         wall = time.perf_counter() - start
         shared_state(trainer).busy += wall
-        cost = max(wall + ctx.cost_adjustment, 0.0)
+        cost = max(wall + ctx.cost_adjustment, 0.0) + self._capture_seconds
+        self._capture_seconds = 0.0
         self.cadence.record(cost)
+        if self.cadence.planned:  # rank 0 re-plans from the new cost, every rank follows
+            nxt = self.cadence.replan(trainer.global_step)
+            self.cadence.next_check = int(trainer.strategy.broadcast(nxt, src=0))
+        self._check_plan(trainer)
         self.seconds += cost
         self._log(trainer, pl_module, metrics)
 
@@ -521,6 +595,7 @@ class MeasurementCallback(Callback):
             "skipped": self.skipped,
             "seconds": self.seconds,
             "vectors": {k: v.detach().cpu() for k, v in self.vectors.items()},
+            "auto_size": self.auto_size,
         }
         # the shared solve's warm start goes into the checkpoint once: with its owner
         ref = getattr(self, "_trainer", None)
@@ -538,3 +613,5 @@ class MeasurementCallback(Callback):
         self.seconds = float(state_dict.get("seconds", 0.0))
         self.vectors = dict(state_dict.get("vectors", {}))
         self._shared_warm = state_dict.get("shared_warm")
+        size = state_dict.get("auto_size")
+        self.auto_size = None if size is None else int(size)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -87,7 +87,7 @@ class HessianEigenvalues(MeasurementCallback):
         every_n_steps: int | None = None,
         schedule: Callable[[int], bool] | None = None,
         max_overhead: float = 0.025,
-        probe_size: int = 1024,
+        probe_size: int | Literal["auto"] = "auto",
         probe_batch_size: int = 256,
         probe_dataloader: Any = None,
         max_iter: int | None = None,

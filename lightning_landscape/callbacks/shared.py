@@ -142,6 +142,8 @@ class Shared:
     busy: float = 0.0  # wall seconds measured by all callbacks since training (re)started
     #: solve key -> id of the callback that checkpoints that key's warm start
     owners: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    #: probe key -> the global size chosen for an automatic probe
+    auto_sizes: dict[tuple[Any, ...], int] = field(default_factory=dict)
 
     def top_k(
         self,

@@ -32,9 +32,18 @@ class Sharpness(MeasurementCallback):
     ``lambda_max`` for unpreconditioned optimizers — divided by ``threshold``), ``rho``
     (ρ-sharpness when ``rho`` is set) and ``skipped``. ``ratio`` also shows in the progress bar.
 
+    Coupled (L2) weight decay — added to the gradient, as in ``SGD``, ``Adam``, ``RSG``,
+    ``ARSG``, ``NovoGrad`` (per param group: the diagonal ``D`` of
+    :attr:`~lightning_landscape.optim.stability.Stability.coupled_decay`) — makes the dynamics
+    follow ``H + D``: ``preconditioned`` is then ``λ_max(P^{-1/2} (H + D) P^{-1/2})`` (``S (H + D)
+    S`` with a non-diagonal ``S = P^{-1/2}``) and the plain ``ratio`` uses ``λ_max(H + D)``
+    (``lambda_max + wd`` when ``D = wd·I``, else one more warm-started solve). ``lambda_max``
+    stays the loss's own. Decoupled decay (``AdamW``) is left out: it scales ``θ`` by
+    ``1 − η·wd`` outside the gradient (see :mod:`lightning_landscape.optim.stability`).
+
     Cost per measurement: the λ_max solve (1 HVP per Lanczos step on the probe; in steady state
-    a warm-started solve needs a few), the same again for ``preconditioned``, and
-    ``rho_steps`` probe gradients for ``rho``.
+    a warm-started solve needs a few), the same again for ``preconditioned`` (or for a plain
+    ``ratio`` with per-group decays), and ``rho_steps`` probe gradients for ``rho``.
 
     Args:
         every_n_steps: measure every N optimizer steps (instead of the time budget).
@@ -78,7 +87,7 @@ class Sharpness(MeasurementCallback):
         every_n_steps: int | None = None,
         schedule: Callable[[int], bool] | None = None,
         max_overhead: float = 0.025,
-        probe_size: int = 1024,
+        probe_size: int | Literal["auto"] = "auto",
         probe_batch_size: int = 256,
         probe_dataloader: Any = None,
         max_iter: int = 20,
@@ -157,11 +166,43 @@ class Sharpness(MeasurementCallback):
 
     @override
     def measure(self, ctx: MeasureContext) -> dict[str, float]:
+        from lightning_landscape.measures._compat import CurvatureOperator
+        from lightning_landscape.measures.eigen import top_eigen
+        from lightning_landscape.measures.shifted import (
+            ShiftedOperator,
+            constant_shift,
+            decay_vector,
+            shifted_preconditioned,
+        )
+
         op = ctx.operator()
         est = ctx.top_k(self.solve_request())
         out = {"lambda_max": est.lambda_max, "residual": float(est.residuals[0])}
-        sharp = est.lambda_max
         stab = None if ctx.optimizer is None else stability_of(ctx.optimizer, op.parameters)
+
+        # coupled (L2) weight decay D: the dynamics follow H + D, the loss's H is est's
+        decay = None if stab is None else decay_vector(stab.coupled_decay, op)
+
+        def top(key: str, operator: CurvatureOperator, warm: torch.Tensor | None) -> float:
+            res = top_eigen(
+                operator, k=1, max_iter=self.max_iter, tol=self.tol,
+                warm_start=self.vectors.get(key, warm), seed=self.seed,
+            )  # fmt: skip
+            self.vectors[key] = res.eigenvectors.detach().cpu()
+            return res.lambda_max
+
+        def pre_sharpness(p: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]) -> float:
+            """λ_max(P^-1/2 (H + D) P^-1/2), ``p`` the flat ``P`` or ``v ↦ P^-1/2 v``."""
+            if decay is not None:
+                return top("preconditioned", shifted_preconditioned(op, decay, p), None)
+            res = preconditioned_lambda_max(
+                op, p, warm_start=self.vectors.get("preconditioned"), max_iter=self.max_iter,
+                tol=self.tol, seed=self.seed,
+            )  # fmt: skip
+            self.vectors["preconditioned"] = res.eigenvectors.detach().cpu()
+            return res.lambda_max
+
+        sharp: float | None = None  # the quantity compared with the threshold
         if stab is None:
             self.warn_once(
                 f"Sharpness: no stability threshold is known for "
@@ -171,43 +212,34 @@ class Sharpness(MeasurementCallback):
                 "(register one with lightning_landscape.optim.register_stability)."
             )
         elif self.preconditioned is not False and stab.preconditioned:
-            if stab.inverse_sqrt is not None:  # a non-diagonal P (K-FAC)
-                apply = stab.inverse_sqrt
-                params = op.parameters
-                pre = preconditioned_lambda_max(
-                    op,
-                    lambda v: flatten(apply(unflatten(v, params))),
-                    warm_start=self.vectors.get("preconditioned"),
-                    max_iter=self.max_iter,
-                    tol=self.tol,
-                    seed=self.seed,
+            if stab.inverse_sqrt is not None:  # a non-diagonal P (K-FAC): S (H + D) S
+                apply, params = stab.inverse_sqrt, op.parameters
+                sharp = out["preconditioned"] = pre_sharpness(
+                    lambda v: flatten(apply(unflatten(v, params)))
                 )
-                self.vectors["preconditioned"] = pre.eigenvectors.detach().cpu()
-                sharp = out["preconditioned"] = pre.lambda_max
             elif stab.preconditioner is None:
                 self.warn_once(
                     "Sharpness: the optimizer has no state yet (before its first step), so the "
                     "preconditioned sharpness and the ratio start at the next measurement."
                 )
                 sharp = float("nan")
-            else:
+            else:  # P^-1/2 (H + D) P^-1/2 = P^-1/2 H P^-1/2 + D P^-1
                 diag = flatten([p.reshape(-1) for p in stab.preconditioner]).to(op.dtype)
-                pre = preconditioned_lambda_max(
-                    op,
-                    diag,
-                    warm_start=self.vectors.get("preconditioned"),
-                    max_iter=self.max_iter,
-                    tol=self.tol,
-                    seed=self.seed,
-                )
-                self.vectors["preconditioned"] = pre.eigenvectors.detach().cpu()
-                sharp = out["preconditioned"] = pre.lambda_max
+                sharp = out["preconditioned"] = pre_sharpness(diag)
         elif self.preconditioned is True:
             self.warn_once(
                 f"Sharpness(preconditioned=True): {type(ctx.optimizer).__name__} is not "
                 "diagonally preconditioned; logging the plain sharpness ratio."
             )
         if stab is not None:
+            if sharp is None:  # the plain ratio: λ_max(H + D)
+                shift = None if decay is None else constant_shift(decay)
+                if decay is None:
+                    sharp = est.lambda_max
+                elif shift is not None:  # D = wd·I: no extra solve
+                    sharp = est.lambda_max + shift
+                else:  # per-group decays: its own warm-started solve
+                    sharp = top("decayed", ShiftedOperator(op, decay), est.eigenvectors)
             out["threshold"] = stab.threshold
             if sharp == sharp:  # not NaN
                 out["ratio"] = sharp / stab.threshold

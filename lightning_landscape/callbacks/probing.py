@@ -1,0 +1,234 @@
+"""Capturing a callback's probe, and sizing it to the budget (``probe_size="auto"``).
+
+:func:`capture` takes the probe from the training loader (or the callback's
+``probe_dataloader``): each rank its own shard of ``size / world_size`` samples, without
+consuming the training RNG, moved through the module's batch-transfer hooks.
+
+With ``probe_size="auto"`` (the default of the budgeted callbacks) the probe is sized before the
+first measurement, so that a useful number of points fits the budget:
+
+1. up to :data:`AUTO_MAX` samples are captured and a *calibration* times one probe gradient and
+   two Hessian-vector products on one probe batch (inside the guard, so training sees nothing);
+2. from those per-sample costs, the training batch size (≈ one training step) and the run's
+   length, each callback that shares the probe estimates how many points each candidate size
+   would give (:func:`~lightning_landscape.callbacks.plan.affordable_points`, with the
+   callback's own estimate of products per cold and per warm measurement);
+3. the largest candidate for which every budgeted callback gets ``min_points`` is chosen, down
+   to a floor of one training batch; below that the floor is used (and the callback warns, with
+   the numbers, once its plan is known).
+
+Rank 0's choice is broadcast, so every rank keeps the same global size; it is checkpointed, so
+a resumed run measures on the same probe. An explicit ``probe_size`` is honoured exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DistributedSampler
+
+from lightning_landscape.callbacks.plan import affordable_points, budget_seconds
+from lightning_landscape.callbacks.shared import module_loss, shared_state
+from lightning_landscape.measures.guard import guard, preserved_rng
+from lightning_landscape.measures.operators import ProbeHessian
+from lightning_landscape.measures.probe import Probe, cat_batches, index_batch, slice_batch
+
+if TYPE_CHECKING:
+    from lightning_landscape.callbacks.base import MeasurementCallback
+
+__all__ = ["AUTO_MAX", "Calibration", "capture", "choose_size", "calibrate", "cut"]
+
+#: The largest automatic probe (global samples).
+AUTO_MAX = 1024
+#: Without a known run length, a callback's point should not cost more than its budget share
+#: of this many training steps.
+UNKNOWN_LENGTH_STEPS = 100
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Seconds per probe sample of one gradient and of one (warm) Hessian-vector product, and
+    the fixed seconds of a product whatever its size (Python and kernel-launch overhead: what
+    dominates on small models)."""
+
+    gradient: float
+    product: float
+    cold_product: float
+    fixed: float = 0.0
+
+    def product_seconds(self, samples: float, *, cold: bool = False) -> float:
+        """Seconds of one product on ``samples`` probe samples of one rank."""
+        return self.fixed + (self.cold_product if cold else self.product) * samples
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_batch_size(trainer: pl.Trainer, fallback: int) -> int:
+    """The training loader's batch size (per rank), or ``fallback`` when it has none."""
+    size = getattr(trainer.train_dataloader, "batch_size", None)
+    return size if isinstance(size, int) and size > 0 else fallback
+
+
+def capture(
+    cb: MeasurementCallback, trainer: pl.Trainer, pl_module: pl.LightningModule, size: int
+) -> Probe:
+    """This rank's shard of a ``size``-sample probe for ``cb`` (see the module docstring)."""
+    world, rank = trainer.world_size, trainer.global_rank
+    if size < world:
+        raise ValueError(
+            f"`probe_size` must be at least the number of processes ({world}), got {size!r}"
+        )
+    local = size // world + (1 if rank < size % world else 0)
+    source = cb.probe_dataloader if cb.probe_dataloader is not None else trainer.train_dataloader
+    if source is None:
+        raise RuntimeError("no training dataloader to capture the probe from")
+    # a user's probe loader that is not sharded: every rank reads the same samples, so take
+    # the first `size` and keep this rank's stride of them (union = those samples)
+    unsharded = (
+        world > 1
+        and cb.probe_dataloader is not None
+        and not isinstance(getattr(source, "sampler", None), DistributedSampler)
+    )
+    with preserved_rng():
+        probe = Probe.capture(
+            source,
+            size=size if unsharded else local,
+            batch_size=size if unsharded else cb.probe_batch_size,
+            device=pl_module.device,
+        )
+        if unsharded:
+            mine = slice_batch(probe.batches[0], 0, probe.num_samples)
+            index = torch.arange(rank, probe.num_samples, world, device=pl_module.device)
+            probe = Probe.from_samples(index_batch(mine, index), batch_size=cb.probe_batch_size)
+        transfer = getattr(pl_module, "_apply_batch_transfer_handler", None)
+        if callable(transfer):
+            probe.batches = [transfer(b) for b in probe.batches]
+    return probe
+
+
+def cut(probe: Probe, size: int, world: int, rank: int, batch_size: int) -> Probe:
+    """This rank's shard of the first ``size`` global samples of ``probe``."""
+    local = size // world + (1 if rank < size % world else 0)
+    if local >= probe.num_samples:
+        return probe
+    samples = slice_batch(cat_batches(probe.batches), 0, local)
+    return Probe.from_samples(samples, batch_size=batch_size)
+
+
+def calibrate(
+    cb: MeasurementCallback, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe
+) -> Calibration:
+    """Time a probe gradient and products on the probe's first batch and on a quarter of it
+    (in the guard), and fit ``seconds = fixed + per_sample · samples`` to the products."""
+    n = probe.sizes[0]
+    small = max(1, n // 4)
+    device = pl_module.device
+
+    def timed(op: ProbeHessian, v: torch.Tensor) -> tuple[float, float, float]:
+        times = []
+        for work in (op.loss_and_gradient, lambda: op.matvec(v), lambda: op.matvec(v)):
+            _sync(device)
+            start = time.perf_counter()
+            work()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        op.release()
+        return times[0], times[1], times[2]
+
+    with guard(pl_module, bn=cb.bn, dropout=cb.dropout, seed=cb.seed, pauses=cb._pauses(trainer)):
+        loss = module_loss(pl_module)
+        first = probe.batches[0]
+        big = ProbeHessian(pl_module, Probe([first], [n]), loss)
+        v = torch.randn(big.size, device=big.device, dtype=big.dtype)
+        grad, cold, warm = timed(big, v)
+        if small < n:
+            part = Probe([slice_batch(first, 0, small)], [small])
+            _, _, warm_small = timed(ProbeHessian(pl_module, part, loss), v)
+        else:
+            warm_small = warm
+    per_sample = max(warm - warm_small, 0.0) / (n - small) if small < n else warm / n
+    fixed = max(warm - per_sample * n, 0.0)
+    return Calibration(
+        gradient=grad / n,
+        product=per_sample,
+        cold_product=max(cold - fixed, 0.0) / n,
+        fixed=fixed,
+    )
+
+
+def _points(
+    cb: MeasurementCallback, size: int, world: int, calib: Calibration, step_time: float
+) -> float:
+    """Points ``cb`` would get with a ``size``-sample probe (``inf`` without a budget)."""
+    cadence = cb.cadence
+    if not cadence.budgeted:
+        return math.inf
+    assert cadence.max_overhead is not None
+    cold, warm = cb.expected_products()
+    local = size / world
+    first = cold * calib.product_seconds(local, cold=True)
+    steady = warm * calib.product_seconds(local)
+    if cadence.total_steps is None:  # no run length: a point per UNKNOWN_LENGTH_STEPS steps
+        budget = budget_seconds(cadence.max_overhead, UNKNOWN_LENGTH_STEPS, step_time)
+        return math.inf if steady <= budget else 0.0
+    return affordable_points(
+        cadence.max_overhead,
+        total_steps=cadence.total_steps,
+        step_time=step_time,
+        first_cost=first,
+        warm_cost=steady,
+    )
+
+
+def choose_size(
+    peers: list[MeasurementCallback],
+    trainer: pl.Trainer,
+    calib: Calibration,
+    available: int,
+    batch_size: int,
+) -> int:
+    """The global probe size for ``peers`` (callbacks sharing one automatic probe)."""
+    world = trainer.world_size
+    step_time = calib.gradient * batch_size  # ≈ one training step of this rank
+    floor = min(available, max(world, batch_size * world))
+    size = min(AUTO_MAX, available)
+    while size > floor:
+        if all(_points(cb, size, world, calib, step_time) >= cb.cadence.min_points for cb in peers):
+            return size
+        size = max(floor, size // 2)
+    return floor
+
+
+def auto_size(
+    cb: MeasurementCallback, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe
+) -> int:
+    """Choose (rank 0) and broadcast the global size of ``cb``'s automatic probe."""
+    shared = shared_state(trainer)
+    key: Any = cb.probe_key
+    if key in shared.auto_sizes:
+        return shared.auto_sizes[key]
+    peers = [p for p in cb._peers(trainer) if p.probe_key == key]
+    known = [p.auto_size for p in peers if p.auto_size is not None]
+    if known:  # resumed: the checkpointed choice
+        size = known[0]
+    else:
+        calib = calibrate(cb, trainer, pl_module, probe)
+        # the global number of samples on offer (a short loader may hold fewer than AUTO_MAX)
+        count = torch.tensor(float(probe.num_samples), dtype=torch.float64)
+        available = int(trainer.strategy.reduce(count.to(pl_module.device), reduce_op="sum"))
+        size = choose_size(
+            peers, trainer, calib, available, train_batch_size(trainer, cb.probe_batch_size)
+        )
+        size = int(trainer.strategy.broadcast(size, src=0))
+    shared.auto_sizes[key] = size
+    for p in peers:
+        p.auto_size = size
+    return size
