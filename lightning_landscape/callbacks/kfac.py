@@ -40,7 +40,10 @@ class KFAC(Callback):
     the forwards of measurement callbacks: their guard enters :meth:`paused`), combines every
     micro-batch of an optimizer step (``accumulate_grad_batches``) and, with ``16-mixed``,
     divides the output gradients by the ``GradScaler``'s scale and drops steps the scaler skips.
-    Its state (factors, eigenbases, step counter) is checkpointed with the trainer.
+    Its state (factors, eigenbases, step counter) is checkpointed with the trainer. Layers
+    holding a tied parameter (``lm_head.weight = embed.weight``) are skipped with one warning
+    and step with the plain optimizer; a module called several times per forward is
+    KFAC-expand over its calls.
 
     Logged under ``landscape/kfac/`` through ``trainer.loggers`` at ``step=global_step`` (the
     step being taken), only when there is something new: ``kl_scale`` and ``damping`` on

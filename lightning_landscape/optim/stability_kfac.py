@@ -5,13 +5,15 @@ this rule to that optimizer instance (:func:`~lightning_landscape.optim.stabilit
 so :func:`~lightning_landscape.optim.stability.stability_of` — and hence ``Sharpness`` — reports
 the preconditioned sharpness of what actually runs.
 
-The base optimizer turns the preconditioned gradient ``ν · P⁻¹ g`` into its update. ``P`` is,
-for each registered layer, the damped Kronecker factor *as used in the last step*
-(``G ⊗ A + λI`` in the last eigenbasis with the last damping for ``damping_mode="exact"``,
-``(G + √λ/π I) ⊗ (A + π√λ I)`` for ``"pi"``) and the identity for every other parameter;
-``ν`` is the last step's KL-clipping scale. With ``P`` and ``ν`` frozen, the base update
-direction is that of the base optimizer with step ``ν·η`` in the ``P``-preconditioned space, so
-the iteration is stable while
+The base optimizer turns the gradient K-FAC hands it into its update: ``ν · P_l⁻¹ g`` on each
+registered layer ``l`` (``P_l`` the damped Kronecker factor *as used in the last step*:
+``G ⊗ A + λI`` in the last eigenbasis with the last damping for ``damping_mode="exact"``,
+``(G + √λ/π I) ⊗ (A + π√λ I)`` for ``"pi"``; a bias-free layer has no bias row; ``ν`` the last
+step's KL-clipping scale) and the raw ``g`` on every other parameter — among them those of
+layers K-FAC skipped (tied weights, frozen or never-called layers). That is ``ν · P⁻¹ g`` with
+``P = ν I`` off the layers (the raw gradient is not scaled by ``ν``; ``P = I`` there without
+KL clipping). With ``P`` and ``ν`` frozen, the base update direction is that of the base
+optimizer with step ``ν·η`` in the ``P``-preconditioned space, so the iteration is stable while
 
     ``λ_max(P^-1/2 H P^-1/2) < threshold_base / ν``
 
@@ -94,7 +96,7 @@ def kfac_stability(
     nu = pre.kl_scale if pre.ready else 1.0
     threshold = base.threshold / nu
     rule = (
-        f"K-FAC ({pre.damping_mode} damping, P = damped G⊗A per layer, identity elsewhere) "
+        f"K-FAC ({pre.damping_mode} damping, P = damped G⊗A per layer, ν·I elsewhere) "
         f"on {base.rule}"
     )
     if nu != 1.0:
@@ -107,9 +109,12 @@ def kfac_stability(
 
     def inverse_sqrt(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
         out = pre.inverse_sqrt(params_list, vectors)
+        done = {id(p) for layer in pre.layers.values() if layer.ready for p in layer.params}
+        # a gradient K-FAC left alone was not scaled by ν: P = ν there (see the docstring)
+        eff = [s if id(p) in done else s * nu for p, s in zip(params_list, scales)]
         return [
             v if s == 1.0 else (torch.zeros_like(v) if math.isinf(s) else v / math.sqrt(s))
-            for v, s in zip(out, scales)
+            for v, s in zip(out, eff)
         ]
 
     return Stability(threshold, True, None, rule, inverse_sqrt)

@@ -281,3 +281,54 @@ def test_paused_and_bad_arguments() -> None:
         with pytest.raises(ValueError, match=f"`{name}`"):
             KFAC(**kwargs)
     copy.deepcopy(KFAC(damping=lambda k: 1e-3))  # schedules are accepted
+
+
+class _BiasFree(pl.LightningModule):
+    """Bias-free Conv2d and Linear (no bias column in their factors) and one Linear with bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 2, 3, bias=False).double()
+        self.mid = nn.Linear(8, 4, bias=False).double()
+        self.head = nn.Linear(4, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(torch.tanh(self.conv(x)).flatten(1))))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.3, momentum=0.9)
+
+
+def test_sharpness_with_bias_free_layers_equals_the_dense_reference() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 1, 4, 4, generator=gen, dtype=torch.float64)
+    data = TensorDataset(x, (x[:, 0, 0, 0] > 0).long() + (x[:, 0, 1, 1] > 0.5).long())
+    logger = RecordingLogger()
+    cb = KFAC(**HYPER)
+    model = _BiasFree()
+    n = sum(p.numel() for p in model.parameters())
+    sharp = Sharpness(every_n_steps=5, probe_size=16, probe_batch_size=8, tol=1e-10, max_iter=n)
+    loader = DataLoader(data, batch_size=8, shuffle=False)
+    _trainer([cb, sharp], logger=logger, max_steps=5).fit(model, loader)
+    pre = cb.preconditioner
+    assert pre is not None and sorted(pre.layers) == ["conv", "head", "mid"]
+    assert [len(layer.params) for layer in pre.layers.values()] == [1, 1, 2]
+    params: list[torch.Tensor] = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    names = [name for name, _ in model.named_parameters()]
+
+    def loss(f: torch.Tensor) -> torch.Tensor:
+        views = dict(zip(names, torch.split(f, [p.numel() for p in params])))
+        named = {k: v.view_as(p) for (k, v), p in zip(views.items(), params)}
+        return F.cross_entropy(torch.func.functional_call(model, named, (x[:16],)), data[:16][1])
+
+    h = torch.autograd.functional.hessian(loss, flat)
+    s = sym_inverse_sqrt(dense_preconditioner(pre, params))
+    want = float(torch.linalg.eigvalsh(s @ h @ s)[-1])
+    got = logger.series("landscape/sharpness/preconditioned")
+    assert set(got) == {5} and got[5] == pytest.approx(want, rel=1e-8)
+    assert want != pytest.approx(float(torch.linalg.eigvalsh(h)[-1]), rel=1e-2)

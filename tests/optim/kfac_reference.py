@@ -139,11 +139,15 @@ def sym_inverse_sqrt(p: torch.Tensor) -> torch.Tensor:
 
 
 def dense_preconditioner(pre: KFACPreconditioner, params: list[torch.Tensor]) -> torch.Tensor:
-    """The dense ``P`` in the flat order of ``params`` (identity for unregistered ones)."""
+    """The dense ``P`` of the stability rule in the flat order of ``params``.
+
+    Damped ``kron(G, A)`` blocks on the registered layers; ``ν·I`` elsewhere (``ν`` the last KL
+    scale: K-FAC hands those raw gradients to the optimizer without scaling them by ``ν``).
+    """
     sizes = [p.numel() for p in params]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     where = {id(p): o for p, o in zip(params, offsets)}
-    p_full = torch.eye(sum(sizes), dtype=DT)
+    p_full = pre.kl_scale * torch.eye(sum(sizes), dtype=DT)
     for layer in pre.layers.values():
         d_a, q_a = layer.eigen_a  # type: ignore[misc]
         d_g, q_g = layer.eigen_g  # type: ignore[misc]

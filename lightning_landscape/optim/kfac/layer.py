@@ -28,6 +28,7 @@ from .factors import (
     set_gradient,
     supported,
 )
+from .sharing import describe, holders
 
 __all__ = ["KFACLayer", "select_layers", "unwrap"]
 
@@ -45,8 +46,9 @@ def select_layers(
     include: re.Pattern[str] | None,
     exclude: re.Pattern[str] | None,
     dtype: torch.dtype | None,
-) -> tuple[dict[str, KFACLayer], dict[str, str]]:
-    """The ``nn.Linear``/``nn.Conv2d`` modules to register, and the unsupported ones with why.
+) -> tuple[dict[str, KFACLayer], dict[str, str], dict[str, str]]:
+    """The ``nn.Linear``/``nn.Conv2d`` modules to register, the unsupported ones with why, and
+    the ones holding a parameter another module also holds (:mod:`.sharing`) with which.
 
     A module is considered when ``include`` (if given) matches its name and ``exclude`` does
     not (``re.search``). Factors are float64 for float64 weights, else float32, unless
@@ -54,6 +56,8 @@ def select_layers(
     """
     layers: dict[str, KFACLayer] = {}
     skipped: dict[str, str] = {}
+    tied: dict[str, str] = {}
+    shared = holders(model)
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
@@ -65,9 +69,14 @@ def select_layers(
         if reason is not None:
             skipped[name] = reason
             continue
+        own = [p for p in (module.weight, module.bias) if p is not None]
+        sharing = describe(name, own, shared)
+        if sharing is not None:
+            tied[name] = sharing
+            continue
         wide = module.weight.dtype == torch.float64
         layers[name] = KFACLayer(name, module, dtype or (torch.float64 if wide else torch.float32))
-    return layers, skipped
+    return layers, skipped, tied
 
 
 class KFACLayer:
@@ -92,8 +101,10 @@ class KFACLayer:
         self.fired = False  # a hook fired at least once
         self.a_sum: torch.Tensor | None = None
         self.g_sum: torch.Tensor | None = None
-        self.a_count = 0
-        self.g_count = 0
+        self.a_count = 0  # Σ N over the recorded calls (the A normaliser N·calls)
+        self.g_count = 0  # Σ N over the recorded passes (examples; the G normaliser)
+        self._open = False  # a call was recorded since the last output gradient
+        self._pass_n = 0  # largest N among the output gradients of the current pass
         self.A: torch.Tensor | None = None
         self.G: torch.Tensor | None = None
         self.eigen_a: Eigen | None = None
@@ -106,16 +117,30 @@ class KFACLayer:
         self.fired = True
         self.a_sum = a_sum if self.a_sum is None else self.a_sum.add_(a_sum)
         self.a_count += n
+        self._open = True
 
     def add_output(self, g_sum: torch.Tensor, n: int) -> None:
+        """Add ``Σ γγᵀ`` of one call; its ``N`` examples count once per pass.
+
+        A *pass* is the run of output gradients after recorded calls: a module called ``T``
+        times in one forward gets its ``T`` output gradients in one backward with no recorded
+        call in between, so they are ``T`` positions of the same examples (KFAC-expand over
+        the calls), not ``T·N`` examples.
+        """
         self.fired = True
         self.g_sum = g_sum if self.g_sum is None else self.g_sum.add_(g_sum)
-        self.g_count += n
+        if self._open:  # the first output gradient after a call: a new pass
+            self._open, self._pass_n = False, n
+            self.g_count += n
+        elif n > self._pass_n:
+            self.g_count += n - self._pass_n
+            self._pass_n = n
 
     def clear(self) -> None:
         """Forget the current window's statistics."""
         self.a_sum = self.g_sum = None
         self.a_count = self.g_count = 0
+        self._open, self._pass_n = False, 0
 
     def window(self, g_scale: float) -> list[torch.Tensor]:
         """``[Σ A, g_scale · Σ G, counts]`` of the window (zeros where nothing was recorded)."""

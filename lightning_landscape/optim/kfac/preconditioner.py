@@ -18,21 +18,10 @@ from torch import nn
 
 from .factors import DampingMode
 from .hooks import register
-from .hyper import (
-    Hyper,
-    check_choice,
-    check_positive_int,
-    check_regex,
-    check_that,
-)
+from .hyper import Hyper, check_choice, check_positive_int, check_regex, check_that
 from .layer import select_layers, unwrap
-from .updates import (
-    gradients_finite,
-    inverse_sqrt,
-    precondition,
-    update_factors,
-    update_inverses,
-)
+from .sharing import tied_message
+from .updates import gradients_finite, inverse_sqrt, precondition, update_factors, update_inverses
 
 __all__ = ["KFACPreconditioner", "StepInfo", "unwrap"]
 
@@ -90,7 +79,9 @@ class KFACPreconditioner:
     which is called functionally) are skipped with one warning naming them; grouped
     convolutions and frozen layers are skipped at construction. Under DDP, call :meth:`step`
     on every rank after the gradients are synchronised. A module called several times per
-    forward contributes each call as separate examples.
+    forward is one layer whose calls are positions of the same examples (KFAC-expand over the
+    calls, as if called once on the stacked inputs). Layers holding a parameter another module
+    also holds (tied weights) are skipped with one warning naming it (:mod:`.sharing`).
 
     Args:
         model: The model (a ``DistributedDataParallel`` wrapper is unwrapped); layer names are
@@ -181,10 +172,13 @@ class KFACPreconditioner:
         self.grad_scaler = grad_scaler
         self.distribute_inverses = distribute_inverses
         self.process_group = process_group
-        self.layers, self.skipped = select_layers(self.model, include, exclude, factor_dtype)
+        self.layers, self.skipped, tied = select_layers(self.model, include, exclude, factor_dtype)
         if self.skipped:
             listed = "; ".join(f"{n!r}: {r}" for n, r in self.skipped.items())
             warnings.warn(f"K-FAC: not preconditioning {listed}", UserWarning, stacklevel=2)
+        if tied:
+            warnings.warn(tied_message(tied), UserWarning, stacklevel=2)
+            self.skipped.update({n: f"shared parameter ({r})" for n, r in tied.items()})
         if not self.layers:
             warnings.warn(
                 "K-FAC: no nn.Linear/nn.Conv2d layer registered", UserWarning, stacklevel=2

@@ -158,11 +158,11 @@ def inverse_sqrt(
             for p, s in zip(layer.params, slots)
         ]
         m = pieces[0].reshape(layer.dim_g, -1)
-        if len(pieces) > 1:
+        bias = len(pieces) > 1  # a bias-free layer has no bias column
+        if bias:
             m = torch.cat([m, pieces[1].unsqueeze(1)], dim=1)
         r = layer.apply(m, damping, mode, power=-0.5)
-        cols = r.shape[1] - (len(pieces) - 1)
-        results = [r[:, :cols], r[:, cols]][: len(pieces)]
+        results = [r[:, :-1], r[:, -1]] if bias else [r]
         for s, p, res in zip(slots, layer.params, results):
             if s is not None:
                 out[s] = res.reshape(p.shape).to(vectors[s].dtype)
