@@ -2,7 +2,8 @@
 
 Both paths run the same operations in the same order, so on CPU (where the foreach ops loop
 over the tensors) they agree bit for bit. ``p.grad`` is only read: the gradient plus L2 weight
-decay is a new tensor.
+decay is a new tensor. With ``maximize`` the gradient is negated first and the decay added
+after (torch's convention): maximising ``f`` is then minimising ``−f`` bit for bit.
 """
 
 from __future__ import annotations
@@ -17,15 +18,23 @@ from ._base import group_by_device_and_dtype
 __all__ = ["arsg_multi", "arsg_single", "rsg_multi", "rsg_single"]
 
 
-def _grad(g: torch.Tensor, p: torch.Tensor, dtype: torch.dtype, wd: float) -> torch.Tensor:
-    """``g + wd·θ`` in the state dtype, never in place on ``p.grad``."""
+def _grad(
+    g: torch.Tensor, p: torch.Tensor, dtype: torch.dtype, wd: float, maximize: bool
+) -> torch.Tensor:
+    """``±g + wd·θ`` in the state dtype, never in place on ``p.grad``."""
     g = g.to(dtype)
+    if maximize:
+        g = torch.neg(g)
     return g.add(p, alpha=wd) if wd != 0.0 else g
 
 
-def _grads(gs: list[torch.Tensor], ps: list[torch.Tensor], dtype: torch.dtype, wd: float) -> Any:
+def _grads(
+    gs: list[torch.Tensor], ps: list[torch.Tensor], dtype: torch.dtype, wd: float, maximize: bool
+) -> Any:
     if gs[0].dtype != dtype:
         gs = [g.to(dtype) for g in gs]
+    if maximize:
+        gs = list(torch._foreach_neg(gs))
     return torch._foreach_add(gs, ps, alpha=wd) if wd != 0.0 else gs
 
 
@@ -38,11 +47,12 @@ def rsg_single(
     beta: float,
     observation: float,
     weight_decay: float,
+    maximize: bool = False,
 ) -> None:
     """``m ← β m + (1−β) g;  θ ← θ − lr((1−μ) m + μ g)``, one tensor at a time."""
     for p, grad, state in zip(params, grads, states):
         m = state["exp_avg"]
-        g = _grad(grad, p, m.dtype, weight_decay)
+        g = _grad(grad, p, m.dtype, weight_decay, maximize)
         state["step"] += 1
         m.mul_(beta).add_(g, alpha=1.0 - beta)
         p.add_(m, alpha=-lr * (1.0 - observation))
@@ -59,11 +69,12 @@ def rsg_multi(
     beta: float,
     observation: float,
     weight_decay: float,
+    maximize: bool = False,
 ) -> None:
     """The foreach version of :func:`rsg_single`."""
     for ps, gs_raw, sts in group_by_device_and_dtype(params, grads, states):
         ms = [s["exp_avg"] for s in sts]
-        gs = _grads(gs_raw, ps, ms[0].dtype, weight_decay)
+        gs = _grads(gs_raw, ps, ms[0].dtype, weight_decay, maximize)
         for s in sts:
             s["step"] += 1
         torch._foreach_mul_(ms, beta)
@@ -85,6 +96,7 @@ def arsg_single(
     eps: float,
     weight_decay: float,
     amsgrad: bool,
+    maximize: bool = False,
 ) -> None:
     """ARSG, one tensor at a time.
 
@@ -93,7 +105,7 @@ def arsg_single(
     """
     for p, grad, state in zip(params, grads, states):
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        g = _grad(grad, p, m.dtype, weight_decay)
+        g = _grad(grad, p, m.dtype, weight_decay, maximize)
         state["step"] += 1
         t = state["step"]
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
@@ -123,12 +135,13 @@ def arsg_multi(
     eps: float,
     weight_decay: float,
     amsgrad: bool,
+    maximize: bool = False,
 ) -> None:
     """The foreach version of :func:`arsg_single`."""
     for ps, gs_raw, sts in group_by_device_and_dtype(params, grads, states):
         ms = [s["exp_avg"] for s in sts]
         vs = [s["exp_avg_sq"] for s in sts]
-        gs = _grads(gs_raw, ps, ms[0].dtype, weight_decay)
+        gs = _grads(gs_raw, ps, ms[0].dtype, weight_decay, maximize)
         for s in sts:
             s["step"] += 1
         torch._foreach_mul_(ms, beta1)

@@ -8,7 +8,10 @@ direction mixes the EMA momentum with the fresh gradient through the observation
     m ← β1 m + (1 − β1) g          (g includes L2 weight decay wd·θ, as in the paper)
     u = (1 − μ) m + μ g
 
-RSG steps along ``u``; ARSG divides it by an adaptive diagonal preconditioner. Kernels live in
+RSG steps along ``u``; ARSG divides it by an adaptive diagonal preconditioner. With
+``maximize`` the gradient is negated before the weight decay is added (torch's convention), so
+maximising ``f`` is minimising ``−f`` exactly; the stability registry then gives ``None`` (see
+:mod:`lightning_landscape.optim.stability_ours`). Kernels live in
 :mod:`lightning_landscape.optim._rsg_functional`.
 """
 
@@ -30,6 +33,11 @@ from ._base import (
 )
 
 __all__ = ["ARSG", "RSG"]
+
+
+def _check_bool(group: dict[str, Any], name: str) -> None:
+    if not isinstance(group[name], bool):
+        raise ValueError(f"`{name}` must be a bool, got {group[name]!r}")
 
 
 class RSG(LandscapeOptimizer):
@@ -59,6 +67,7 @@ class RSG(LandscapeOptimizer):
         weight_decay: L2 weight decay ``wd >= 0``, added to the gradient.
         foreach: ``True``/``False`` force the ``torch._foreach_*`` / single-tensor path;
             ``None``: foreach when all parameters of a group are on CUDA.
+        maximize: Maximise the objective (``g ← −∇L(θ) + wd·θ``).
 
     Raises:
         ValueError: For a hyperparameter out of range; the message names it.
@@ -83,12 +92,14 @@ class RSG(LandscapeOptimizer):
         weight_decay: float = 0.0,
         *,
         foreach: bool | None = None,
+        maximize: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
             "beta": beta,
             "observation": observation,
             "weight_decay": weight_decay,
+            "maximize": maximize,
         }
         super().__init__(params, defaults, foreach=foreach)
 
@@ -96,6 +107,7 @@ class RSG(LandscapeOptimizer):
         check_beta("beta", group["beta"])
         check_beta("observation", group["observation"], closed=True)
         check_nonneg("weight_decay", group["weight_decay"])
+        _check_bool(group, "maximize")
 
     def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -122,6 +134,7 @@ class RSG(LandscapeOptimizer):
             beta=float(group["beta"]),
             observation=float(group["observation"]),
             weight_decay=float(group["weight_decay"]),
+            maximize=bool(group.get("maximize", False)),
         )
 
 
@@ -167,6 +180,7 @@ class ARSG(LandscapeOptimizer):
         amsgrad: ``True`` for the paper's AMSGrad mode, ``False`` for the Adam mode.
         foreach: ``True``/``False`` force the ``torch._foreach_*`` / single-tensor path;
             ``None``: foreach when all parameters of a group are on CUDA.
+        maximize: Maximise the objective (``g ← −∇L(θ) + wd·θ``).
 
     Raises:
         ValueError: For a hyperparameter out of range; the message names it.
@@ -193,6 +207,7 @@ class ARSG(LandscapeOptimizer):
         amsgrad: bool = True,
         *,
         foreach: bool | None = None,
+        maximize: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -201,6 +216,7 @@ class ARSG(LandscapeOptimizer):
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
+            "maximize": maximize,
         }
         super().__init__(params, defaults, foreach=foreach)
 
@@ -209,8 +225,8 @@ class ARSG(LandscapeOptimizer):
         check_beta("observation", group["observation"], closed=True)
         check_positive("eps", group["eps"])
         check_nonneg("weight_decay", group["weight_decay"])
-        if not isinstance(group["amsgrad"], bool):
-            raise ValueError(f"`amsgrad` must be a bool, got {group['amsgrad']!r}")
+        _check_bool(group, "amsgrad")
+        _check_bool(group, "maximize")
 
     def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         dtype = state_dtype(param)
@@ -248,4 +264,5 @@ class ARSG(LandscapeOptimizer):
             eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]),
             amsgrad=bool(group["amsgrad"]),
+            maximize=bool(group.get("maximize", False)),
         )

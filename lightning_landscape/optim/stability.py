@@ -4,8 +4,9 @@ Every supported optimizer is written as the update ``θ ← θ − η_ref · P�
 ``η_ref = param_groups[0]["lr"]``, a diagonal preconditioner ``P`` read from the optimizer's
 state and a search direction ``u`` built from the gradients (plain, heavy ball, Nesterov or an
 EMA). On the quadratic model with ``P`` frozen the iteration is stable iff
-``λ_max(P^-1/2 H P^-1/2) < threshold`` (SCIENCE.md §A1); :func:`stability_of` returns that
-threshold, ``P`` (aligned with the caller's parameter list) and a readable rule.
+``λ_max(P^-1/2 (H + D) P^-1/2) < threshold`` (SCIENCE.md §A1; ``D`` the coupled weight decay,
+below); :func:`stability_of` returns that threshold, ``P`` and ``D`` (aligned with the caller's
+parameter list) and a readable rule.
 
 Conventions shared by every entry:
 
@@ -29,12 +30,16 @@ Besides the rules per optimizer *class*, a rule can be attached to one optimizer
 preconditioner attaches itself to its optimizer this way
 (:mod:`lightning_landscape.optim.stability_kfac`).
 
-Weight decay: an *L2* weight decay ``wd`` (``torch.optim.SGD``, ``torch.optim.Adam`` with
-``decoupled_weight_decay=False``) is added to the gradient, so the threshold applies to
-``λ_max(P^-1/2 (H + wd·I) P^-1/2)``; the caller measuring ``H`` of the bare loss must add
-``wd`` (exactly, for a single group or ``P = I``). Decoupled weight decay (``AdamW``) is
-ignored: it multiplies ``θ`` by ``1 − η_g·wd`` each step, a contraction that only makes the
-true boundary slightly higher than the returned threshold. The rule string names both cases.
+Weight decay. A *coupled* (L2) decay is added to the gradient first (``torch.optim.SGD`` in
+every form, ``Adam`` with ``decoupled_weight_decay=False``, RSG, ARSG), so the iteration follows
+``(H + D)θ``, ``D`` the diagonal of each parameter's group ``weight_decay`` (0 where it never
+moves): the threshold applies to ``λ_max(P^-1/2 (H + D) P^-1/2) = λ_max(P^-1/2 H P^-1/2 + D P^-1)``
+and :attr:`Stability.coupled_decay` gives ``D`` (``H`` stays the bare loss's). *Decoupled* decay
+(``AdamW``, ``decoupled_weight_decay=True``) multiplies ``θ`` by ``c = 1 − η_g·wd`` outside the
+gradient: no part of the gradient's Jacobian, it stays out of ``D``. With ``P`` frozen it moves
+the −1 crossing of the EMA iteration to ``threshold·(1 + c)/2 = threshold·(1 − η_g·wd/2)``: a
+*lower* edge by the relative ``η_g·wd/2`` (5e-5 for ``η = 1e-3, wd = 0.1``), negligible next to
+coupled decay's ``D P^-1``, which ``P ≪ 1`` magnifies. The rule string names both cases.
 
 Example::
 
@@ -81,7 +86,8 @@ class Stability:
     """The stability threshold of an optimizer at its current state.
 
     Attributes:
-        threshold: Threshold on ``λ_max(P^-1/2 H P^-1/2)`` for ``η_ref = param_groups[0]["lr"]``.
+        threshold: Threshold on ``λ_max(P^-1/2 (H + D) P^-1/2)`` (``D = coupled_decay``, 0 if
+            ``None``) for ``η_ref = param_groups[0]["lr"]``.
         preconditioned: ``True`` for diagonally preconditioned optimizers (Adam family) and for
             any optimizer whose ``P`` is not the identity (per-group lr, unmanaged parameters).
         preconditioner: Per-parameter diagonal of ``P`` (same shape and dtype as each measured
@@ -91,6 +97,10 @@ class Stability:
         inverse_sqrt: For a non-diagonal ``P`` (``preconditioner`` is then ``None``): maps a list
             of tensors aligned with the measured parameters to ``P^-1/2`` applied to them
             (``P`` symmetric positive definite, as frozen at the optimizer's last step).
+        coupled_decay: Per-parameter diagonal of ``D``, the decay added to the gradient
+            *before* ``P⁻¹`` is applied (same shapes as the parameters; possibly read-only
+            broadcast views), so that the dynamics follow ``P⁻¹(H + D)``; ``None`` when there
+            is none (or, with ``D`` depending on ``P``, while ``P`` is not available).
     """
 
     threshold: float
@@ -98,6 +108,7 @@ class Stability:
     preconditioner: list[torch.Tensor] | None
     rule: str
     inverse_sqrt: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+    coupled_decay: list[torch.Tensor] | None = None
 
 
 StabilityFn = Callable[[torch.optim.Optimizer, Sequence[torch.Tensor]], "Stability | None"]
@@ -232,8 +243,27 @@ def _wd_note(groups: list[dict[str, Any]], decoupled: bool) -> str:
         return ""
     vals = ",".join(f"{w:g}" for w in wds)
     if decoupled:
-        return f"; decoupled weight_decay={vals} ignored"
-    return f"; L2 weight_decay={vals}: threshold applies to H + wd·I"
+        return f"; decoupled weight_decay={vals} ignored (edge lower by η·wd/2, relative)"
+    return f"; L2 weight_decay={vals}: threshold applies to H + D (coupled_decay)"
+
+
+def _coupled_decay(
+    params: Sequence[torch.Tensor],
+    groups: list[dict[str, Any] | None],
+    factors: Sequence[torch.Tensor | float] | None = None,
+) -> list[torch.Tensor] | None:
+    """``D`` as broadcast views: the group's decay (× ``factors[i]``) if it moves, else 0."""
+    wds = [
+        float(g.get("weight_decay", 0.0)) if g is not None and float(g["lr"]) > 0.0 else 0.0
+        for g in groups
+    ]
+    if not any(wds):
+        return None
+    out = []
+    for i, (p, wd) in enumerate(zip(params, wds)):
+        value = wd if factors is None or wd == 0.0 else wd * factors[i]
+        out.append(torch.as_tensor(value, dtype=p.dtype, device=p.device).expand(p.shape))
+    return out
 
 
 def _common_checks(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> bool:
@@ -290,12 +320,13 @@ def sgd_stability(
     rule += _wd_note(active, decoupled=False)
 
     scales = [_lr_scale(g, eta_ref) for g in groups]
+    decay = _coupled_decay(params, groups)
     if all(s == 1.0 for s in scales):
-        return Stability(threshold, False, None, rule)
+        return Stability(threshold, False, None, rule, coupled_decay=decay)
     precond = [
         torch.full(p.shape, s, dtype=p.dtype, device=p.device) for p, s in zip(params, scales)
     ]
-    return Stability(threshold, True, precond, rule + "; per-group lr in P")
+    return Stability(threshold, True, precond, rule + "; per-group lr in P", coupled_decay=decay)
 
 
 # ----------------------------------------------------------------- torch.optim.Adam / AdamW
@@ -339,9 +370,10 @@ def adam_stability(
     rule = f"{name} EMA momentum (2+2β1)/((1−β1)η), β1={beta1:g}, η={eta_ref:g}"
     rule += _wd_note(active, decoupled=decoupled)
 
+    decay = None if decoupled else _coupled_decay(params, groups)  # D does not depend on P
     states = [optimizer.state.get(p, {}) for p in params]
     if not any("step" in s for s in states):
-        return Stability(threshold, True, None, rule)
+        return Stability(threshold, True, None, rule, coupled_decay=decay)
     precond: list[torch.Tensor] = []
     for p, g, s in zip(params, groups, states):
         scale = _lr_scale(g, eta_ref)
@@ -353,7 +385,7 @@ def adam_stability(
         v = s["max_exp_avg_sq"] if g.get("amsgrad", False) else s["exp_avg_sq"]
         denom = v.detach().sqrt() / math.sqrt(1.0 - b2**t) + float(g["eps"])
         precond.append((denom * ((1.0 - b1**t) * scale)).to(p.dtype))
-    return Stability(threshold, True, precond, rule)
+    return Stability(threshold, True, precond, rule, coupled_decay=decay)
 
 
 register_stability(torch.optim.SGD, sgd_stability)

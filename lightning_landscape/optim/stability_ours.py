@@ -6,6 +6,15 @@ other groups folded into ``P``, ``+inf`` for unmanaged or frozen parameters, ``N
 momentum-type hyperparameters differ over the active groups, for ``maximize`` and complex
 parameters). Importing :mod:`lightning_landscape.optim` registers them.
 
+Weight decay is *coupled* in all three (:attr:`Stability.coupled_decay` gives ``D``; the
+threshold applies to ``λ_max(P^-1/2 (H + D) P^-1/2)``): RSG and ARSG add ``wd·θ`` to the
+gradient before the EMAs, ``D = wd``; NovoGrad adds ``d·θ`` to the *normalised* gradient, see
+below: ``D = d·P_t``, ``P_t = √v + ε`` of the tensor (the lr ratio not folded in), i.e. a shift
+``d·η_g/η_ref`` after preconditioning. ``maximize`` (all three) gives ``None``: it minimises
+``−L``, whose dynamics are governed by ``P^-1/2 (−H + D) P^-1/2``, while the measured sharpness
+is ``λ_max`` of the loss's ``H``: the edge is then set by the most negative curvature of ``H``,
+which no threshold on ``λ_max(H)`` can express.
+
 Derivations (quadratic ``L = ½ θᵀHθ``, ``P`` frozen, ``λ`` an eigenvalue of ``P^-1/2 H P^-1/2``,
 ``z = ηλ``):
 
@@ -20,9 +29,10 @@ Derivations (quadratic ``L = ½ θᵀHθ``, ``P`` frozen, ``λ`` an eigenvalue o
   ``t`` is the largest step count of the measured parameters (``μ_t → μ`` as ``β1^t → 0``);
   before the first step ``μ_t = μ``.
 - NovoGrad, ``m ← β1 m + s(g/P + dθ)``, ``θ ← θ − ηm`` with the per-tensor ``P = √v + ε``
-  (``√v̂ + ε`` with amsgrad) and ``s = 1−β1`` with ``grad_averaging`` else 1: ``b = m/s`` is the
-  heavy ball ``b ← β1 b + P⁻¹(H + dP)θ`` with step ``sη``, threshold ``(2+2β1)/(sη)`` on
-  ``λ_max(P^-1/2 (H + d·P) P^-1/2)``.
+  (``√v̂ + ε`` with amsgrad) and ``s = 1−β1`` with ``grad_averaging`` else 1: since
+  ``g/P + dθ = P⁻¹(H + dP)θ``, ``b = m/s`` is the heavy ball ``b ← β1 b + P⁻¹(H + dP)θ`` with
+  step ``sη``, threshold ``(2+2β1)/(sη)`` on ``λ_max(P^-1/2 (H + d·P) P^-1/2) =
+  λ_max(P^-1/2 H P^-1/2) + d`` for one group (``d·η_g/η_ref`` per group with lr ratios).
 
 Example::
 
@@ -49,6 +59,7 @@ from .stability import (
     _active,
     _agree,
     _common_checks,
+    _coupled_decay,
     _locate,
     _lr_scale,
     _wd_note,
@@ -102,10 +113,11 @@ def rsg_stability(
     rule = f"RSG 2(1+β)/(η(1−β+2βμ)), β={beta:g}, μ={mu:g}, η={eta_ref:g}"
     rule += _wd_note(active, decoupled=False)
     scales = [_lr_scale(g, eta_ref) for g in groups]
+    decay = _coupled_decay(params, groups)
     if all(s == 1.0 for s in scales):
-        return Stability(threshold, False, None, rule)
+        return Stability(threshold, False, None, rule, coupled_decay=decay)
     precond = [_full(p, s) for p, s in zip(params, scales)]
-    return Stability(threshold, True, precond, rule + "; per-group lr in P")
+    return Stability(threshold, True, precond, rule + "; per-group lr in P", coupled_decay=decay)
 
 
 def arsg_stability(
@@ -135,8 +147,9 @@ def arsg_stability(
     mode = "AMSGrad mode, P=√v̂" if amsgrad else "Adam mode, P=(√v̂+ε)/k"
     rule = f"ARSG ({mode}) 2(1+β1)/(η(1−β1+2β1μ)), β1={beta1:g}, μ={mu_t:g}, η={eta_ref:g}"
     rule += _wd_note(active, decoupled=False)
+    decay = _coupled_decay(params, groups)
     if not steps:
-        return Stability(threshold, True, None, rule)
+        return Stability(threshold, True, None, rule, coupled_decay=decay)
     precond: list[torch.Tensor] = []
     for p, g, s in zip(params, groups, states):
         scale = _lr_scale(g, eta_ref)
@@ -149,7 +162,7 @@ def arsg_stability(
             beta2 = float(g["betas"][1])
             denom = s["exp_avg_sq"].detach().sqrt() / math.sqrt(1.0 - beta2**t) + float(g["eps"])
             precond.append(_full(p, denom * (scale / k_of(t))))
-    return Stability(threshold, True, precond, rule)
+    return Stability(threshold, True, precond, rule, coupled_decay=decay)
 
 
 def novograd_stability(
@@ -158,8 +171,9 @@ def novograd_stability(
     """Stability of :class:`~lightning_landscape.optim.NovoGrad`: ``(2+2β1)/(sη)``, ``P = √v + ε``.
 
     ``s = 1 − β1`` with ``grad_averaging``, else 1; ``P`` is one value per tensor (``√v̂ + ε``
-    with amsgrad). Weight decay ``d`` enters as ``H + d·P``. ``None`` when ``β1`` or
-    ``grad_averaging`` differ over the active groups.
+    with amsgrad). Weight decay ``d`` enters as ``H + d·P`` (``coupled_decay = d·P``, before the
+    lr ratio is folded into ``P``; ``None`` before the first step, like ``P``). ``None`` when
+    ``β1`` or ``grad_averaging`` differ over the active groups.
     """
     setup = _setup(optimizer, params, ("grad_averaging",))
     if setup is None:
@@ -184,14 +198,18 @@ def novograd_stability(
     if not any(st.get("step", 0) > 0 for st in states):
         return Stability(threshold, True, None, rule)
     precond: list[torch.Tensor] = []
+    raw: list[torch.Tensor | float] = []  # P without the lr ratio: D = d·raw
     for p, g, st in zip(params, groups, states):
         scale = _lr_scale(g, eta_ref)
         if g is None or st.get("step", 0) == 0 or math.isinf(scale):
             precond.append(_full(p, math.inf))
+            raw.append(0.0)
             continue
         v = st["max_exp_avg_sq"] if g["amsgrad"] else st["exp_avg_sq"]
-        precond.append(_full(p, (v.detach().sqrt() + float(g["eps"])) * scale))
-    return Stability(threshold, True, precond, rule)
+        raw.append(v.detach().sqrt() + float(g["eps"]))
+        precond.append(_full(p, raw[-1] * scale))
+    decay = _coupled_decay(params, groups, raw)
+    return Stability(threshold, True, precond, rule, coupled_decay=decay)
 
 
 register_stability(NovoGrad, novograd_stability)
