@@ -13,7 +13,15 @@ from lightning_landscape import panels
 from lightning_landscape.callbacks.base import MeasureContext, MeasurementCallback
 from lightning_landscape.callbacks.shared import SolveRequest
 from lightning_landscape.measures.guard import BNMode
+from lightning_landscape.measures._compat import CurvatureOperator
+from lightning_landscape.measures.eigen import top_eigen
 from lightning_landscape.measures.operators import flatten, unflatten
+from lightning_landscape.measures.shifted import (
+    ShiftedOperator,
+    constant_shift,
+    decay_vector,
+    shifted_preconditioned,
+)
 from lightning_landscape.measures.sharpness import preconditioned_lambda_max, rho_sharpness
 from lightning_landscape.optim.stability import stability_of
 
@@ -166,15 +174,6 @@ class Sharpness(MeasurementCallback):
 
     @override
     def measure(self, ctx: MeasureContext) -> dict[str, float]:
-        from lightning_landscape.measures._compat import CurvatureOperator
-        from lightning_landscape.measures.eigen import top_eigen
-        from lightning_landscape.measures.shifted import (
-            ShiftedOperator,
-            constant_shift,
-            decay_vector,
-            shifted_preconditioned,
-        )
-
         op = ctx.operator()
         est = ctx.top_k(self.solve_request())
         out = {"lambda_max": est.lambda_max, "residual": float(est.residuals[0])}
@@ -192,7 +191,11 @@ class Sharpness(MeasurementCallback):
             return res.lambda_max
 
         def pre_sharpness(p: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]) -> float:
-            """λ_max(P^-1/2 (H + D) P^-1/2), ``p`` the flat ``P`` or ``v ↦ P^-1/2 v``."""
+            """λ_max(P^-1/2 (H + D) P^-1/2), ``p`` the flat ``P`` or ``v ↦ P^-1/2 v``; with
+            ``decay_after_preconditioning`` (K-FAC) λ_max(P^-1/2 H P^-1/2 + D)."""
+            if decay is not None and stab is not None and stab.decay_after_preconditioning:
+                plain = shifted_preconditioned(op, None, p)
+                return top("preconditioned", ShiftedOperator(plain, decay), None)
             if decay is not None:
                 return top("preconditioned", shifted_preconditioned(op, decay, p), None)
             res = preconditioned_lambda_max(

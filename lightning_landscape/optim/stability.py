@@ -101,6 +101,9 @@ class Stability:
             *before* ``P⁻¹`` is applied (same shapes as the parameters; possibly read-only
             broadcast views), so that the dynamics follow ``P⁻¹(H + D)``; ``None`` when there
             is none (or, with ``D`` depending on ``P``, while ``P`` is not available).
+        decay_after_preconditioning: ``coupled_decay`` is added to the *preconditioned*
+            operator instead: the threshold applies to ``λ_max(P^-1/2 H P^-1/2 + D)`` (K-FAC,
+            whose base optimizer adds its decay after K-FAC has preconditioned the gradient).
     """
 
     threshold: float
@@ -109,6 +112,7 @@ class Stability:
     rule: str
     inverse_sqrt: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
     coupled_decay: list[torch.Tensor] | None = None
+    decay_after_preconditioning: bool = False
 
 
 StabilityFn = Callable[[torch.optim.Optimizer, Sequence[torch.Tensor]], "Stability | None"]

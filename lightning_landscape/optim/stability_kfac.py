@@ -30,7 +30,10 @@ Rules:
   ``inverse_sqrt=None``);
 - an L2 weight decay ``wd`` of the base optimizer is added *after* preconditioning, so its
   update is ``−νη(P⁻¹ g) − η·wd·θ``; the threshold then applies to
-  ``λ_max(P^-1/2 H P^-1/2) + wd/ν`` (the rule string says so).
+  ``λ_max(P^-1/2 H P^-1/2 + D/(ν s))`` (``D`` the base's per-parameter decay, ``s`` its
+  per-tensor lr scale; ``wd/ν`` added to λ_max for one decay everywhere). That symmetric form
+  needs ``D/s`` constant on each K-FAC layer (it then commutes with the layer's block); a layer
+  whose weight and bias decay differently has no single threshold (``None``).
 """
 
 from __future__ import annotations
@@ -103,6 +106,9 @@ def kfac_stability(
         rule += f"; KL scale ν={nu:.4g}: threshold/ν"
     if "weight_decay" in base.rule and "decoupled" not in base.rule:
         rule += "; K-FAC: L2 weight decay is added after preconditioning (λ_max + wd/ν)"
+    decay = _post_decay(pre, params, base, scales, nu)
+    if decay is False:
+        return None
     if not pre.ready:
         return Stability(threshold, True, None, rule)
     params_list = list(params)
@@ -117,7 +123,44 @@ def kfac_stability(
             for v, s in zip(out, eff)
         ]
 
-    return Stability(threshold, True, None, rule, inverse_sqrt)
+    return Stability(
+        threshold,
+        True,
+        None,
+        rule,
+        inverse_sqrt,
+        coupled_decay=decay or None,
+        decay_after_preconditioning=bool(decay),
+    )
+
+
+def _post_decay(
+    pre: KFACPreconditioner,
+    params: Sequence[torch.Tensor],
+    base: Stability,
+    scales: list[float],
+    nu: float,
+) -> list[torch.Tensor] | None | bool:
+    """``D/(ν s)`` per parameter (added after preconditioning), ``None`` without decay, or
+    ``False`` when a K-FAC layer's parameters decay differently (no symmetric form)."""
+    if base.coupled_decay is None:
+        return None
+    per_tensor: list[float] = []
+    for d in base.coupled_decay:
+        flat = d.reshape(-1)
+        first = float(flat[0]) if flat.numel() else 0.0
+        if flat.numel() and not bool((flat == first).all()):
+            return False
+        per_tensor.append(first)
+    post = [0.0 if math.isinf(s) else d / (nu * s) for d, s in zip(per_tensor, scales)]
+    index = {id(p): i for i, p in enumerate(params)}
+    for layer in pre.layers.values():
+        values = {post[index[id(p)]] for p in layer.params if id(p) in index}
+        if len(values) > 1:
+            return False
+    if not any(post):
+        return None
+    return [torch.full_like(p, v) for p, v in zip(params, post)]
 
 
 def _rule(
