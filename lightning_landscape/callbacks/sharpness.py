@@ -12,17 +12,17 @@ from typing_extensions import override
 from lightning_landscape import panels
 from lightning_landscape.callbacks.base import MeasureContext, MeasurementCallback
 from lightning_landscape.callbacks.shared import SolveRequest
-from lightning_landscape.measures.guard import BNMode
 from lightning_landscape.measures._compat import CurvatureOperator
 from lightning_landscape.measures.eigen import top_eigen
+from lightning_landscape.measures.guard import BNMode
 from lightning_landscape.measures.operators import flatten, unflatten
+from lightning_landscape.measures.sharpness import preconditioned_lambda_max, rho_sharpness
 from lightning_landscape.measures.shifted import (
     ShiftedOperator,
     constant_shift,
     decay_vector,
     shifted_preconditioned,
 )
-from lightning_landscape.measures.sharpness import preconditioned_lambda_max, rho_sharpness
 from lightning_landscape.optim.stability import stability_of
 
 __all__ = ["Sharpness"]
