@@ -12,10 +12,15 @@ repeat times, side by side in one process:
 - ``step_gap``: ``step_gap(ProbeHessian(model, probe, loss), η)``: a fresh operator (as the
   callback builds one per measurement), 1 probe gradient + 1 HVP;
 - ``window``: what ``GradientFlowDeviation`` does at the end of a ``k``-step window: a
-  warm-started λ_max at ``θ_{s+k}`` and at ``θ_s`` (``tol=1e-2``, the callback's default, each
-  warm-started from the previous solve) and the RK4 integration for time ``kη`` with
-  sub-steps ``h ≤ c/λ`` (``c = 1``: ``n ≈ ceil(kz/c)`` sub-steps, ``4n`` probe gradients),
-  ``θ_{s+k}`` coming from ``k`` untimed full-batch GD steps of ``η = z/λ_max``.
+  warm-started λ_max and λ_min (the shifted solve of ``λ_max·I − H``) at ``θ_{s+k}`` and at
+  ``θ_s`` (``tol=1e-2``, the callback's default, each warm-started from the previous solve)
+  and the RK4 integration for time ``kη`` with the error-controlled sub-steps of
+  ``window_substeps`` (``rtol = 1e-3``, ``h·ρ ≤ 1``; ``4n`` probe gradients), ``θ_{s+k}``
+  coming from ``k`` untimed full-batch GD steps of ``η = z/λ_max``.
+
+Once per ``z`` (untimed) the deviation is also computed with the previous rule (``n =
+ceil(kz)``: ``h·λ_max ≤ 1``, λ_min ignored) and with a reference (fixed ``h·ρ ≤ 0.05``, whose
+RK4 error is ``20⁴`` times smaller than at ``h·ρ = 1``), to report both rules' errors.
 
 for each ``z = ηλ_max`` of ``--z`` (stable, mid, the edge of stability ``z = 2``). Ratios are
 taken within a repeat; medians over ``--repeats`` are reported, with the CPU time other
@@ -48,6 +53,7 @@ from common import (
 )
 from torch import nn
 
+from lightning_landscape.measures.flow_steps import lambda_min as bottom_eigen
 from lightning_landscape.measures.gradient_flow import step_gap, window_deviation
 from lightning_landscape.measures.operators import ProbeHessian
 from lightning_landscape.measures.probe import Probe
@@ -90,29 +96,51 @@ def _gd_steps(op: ProbeHessian, eta: float, k: int) -> torch.Tensor:
 
 def _window(
     model: nn.Module, probe: Probe, start: torch.Tensor, end: torch.Tensor, eta: float, k: int,
-    warm: torch.Tensor,
+    warm: torch.Tensor, warm_low: list[torch.Tensor | None],
 ) -> dict[str, Any]:  # fmt: skip
     """The callback's window work at ``θ_{s+k} = end`` (model parameters set to ``end``)."""
     op = ProbeHessian(model, probe, cross_entropy)
     op.set_vector(end)
     t0 = time.perf_counter()
     est_end = lambda_max(op, warm_start=warm, tol=1e-2)
+    low_end = bottom_eigen(op, shift=est_end.lambda_max, warm_start=warm_low[0], tol=1e-2)
     op.set_vector(start)
     est_start = lambda_max(op, warm_start=est_end.eigenvectors, tol=1e-2)
+    low_start = bottom_eigen(op, shift=est_start.lambda_max, warm_start=low_end.vector, tol=1e-2)
     op.set_vector(end)
     t1 = time.perf_counter()
     lam = max(est_end.lambda_max, est_start.lambda_max)
-    res = window_deviation(op, start=start, end=end, time=k * eta, rate=lam, c=1.0)
+    lam_min = min(low_end.value, low_start.value)
+    res = window_deviation(
+        op, start=start, end=end, time=k * eta, steps=k, rate=lam, rate_min=lam_min, c=1.0
+    )
     t2 = time.perf_counter()
+    warm_low[0] = low_start.vector
     return {
         "seconds": t2 - t0,
         "lambda_seconds": t1 - t0,
         "rk4_seconds": t2 - t1,
-        "hvps": est_end.matvecs + est_start.matvecs,
+        "hvps": est_end.matvecs + est_start.matvecs + low_end.matvecs + low_start.matvecs,
+        "lambda_min": lam_min,
         "gradients": res.gradients,
         "substeps": res.path.substeps,
         "deviation": res.deviation,
     }
+
+
+def _accuracy(
+    model: nn.Module, probe: Probe, start: torch.Tensor, end: torch.Tensor, eta: float, k: int,
+    lam: float, lam_min: float,
+) -> dict[str, float]:  # fmt: skip
+    """Deviation by the previous rule (h·λ_max ≤ 1) and by a reference (h·ρ ≤ 0.05), untimed."""
+    op = ProbeHessian(model, probe, cross_entropy)
+    old = window_deviation(op, start=start, end=end, time=k * eta, rate=lam, c=1.0, rtol=None)
+    ref = window_deviation(
+        op, start=start, end=end, time=k * eta, rate=max(lam, -lam_min), c=0.05, rtol=None
+    )
+    op.set_vector(start)
+    return {"old_gradients": old.gradients, "old_deviation": old.deviation,
+            "reference_deviation": ref.deviation, "reference_gradients": ref.gradients}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -135,6 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         end = _gd_steps(ProbeHessian(model, probe, cross_entropy), eta, args.window)
         op.set_vector(theta_s)
         reps = []
+        warm_low: list[torch.Tensor | None] = [None]
         monitor = ForeignCpu()
         for _ in range(args.repeats):
             t64 = _step_times(model, x, y, 64, 10)
@@ -142,11 +171,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t_gap, gap = _clock(
                 lambda eta=eta: step_gap(ProbeHessian(model, probe, cross_entropy), eta)
             )
-            win = _window(model, probe, theta_s, end, eta, args.window, warm)
+            win = _window(model, probe, theta_s, end, eta, args.window, warm, warm_low)
             op.set_vector(theta_s)
             reps.append({"train64": t64, "train_full": tfull, "step_gap": t_gap,
                          "gap": gap.value, **{f"window_{k}": v for k, v in win.items()}})  # fmt: skip
         foreign = monitor.read()["share"]
+        acc = _accuracy(model, probe, theta_s, end, eta, args.window, lam,
+                        reps[0]["window_lambda_min"])  # fmt: skip
+        ref = acc["reference_deviation"]
         row = {
             "z": z,
             "eta": eta,
@@ -172,6 +204,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "window_hvps": median([r["window_hvps"] for r in reps]),
             "step_gap_value": reps[0]["gap"],
             "deviation_value": reps[0]["window_deviation"],
+            "lambda_min": reps[0]["window_lambda_min"],
+            **acc,
+            "error": abs(reps[0]["window_deviation"] / ref - 1),
+            "old_error": abs(acc["old_deviation"] / ref - 1),
             "repeats": reps,
         }
         print(
@@ -181,7 +217,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"window k={args.window}: {row['window_substeps']} sub-steps, "
             f"{row['window_gradients']} gradients + {row['window_hvps']:.0f} HVPs, "
             f"{row['ms']['window_seconds']:.0f} ms = {row['window_in_train64']:.0f} / "
-            f"{row['window_in_train_full']:.1f} steps | foreign CPU {100 * foreign:.1f} %",
+            f"{row['window_in_train_full']:.1f} steps | D = {row['deviation_value']:.4g} "
+            f"(error {row['error']:.1e}; previous rule {row['old_gradients']} gradients, error "
+            f"{row['old_error']:.1e}), λ_min {row['lambda_min']:.3g} | foreign CPU "
+            f"{100 * foreign:.1f} %",
             flush=True,
         )
         rows.append(row)
@@ -192,8 +231,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         "| z = ηλ_max | k | step_gap: ms | in 64-batch steps | in full-batch steps "
         "| window: sub-steps | gradients + HVPs | ms | in 64-batch steps | in full-batch steps "
-        "| foreign CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| D | error of D | previous rule: gradients | its error | foreign CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
@@ -201,7 +240,8 @@ def table(result: dict[str, Any]) -> str:
             f"| {r['step_gap_in_train_full']:.2f} | {r['window_substeps']} "
             f"| {r['window_gradients']} + {r['window_hvps']:.0f} | {r['ms']['window_seconds']:.0f} "
             f"| {r['window_in_train64']:.0f} | {r['window_in_train_full']:.1f} "
-            f"| {100 * r['foreign']:.1f} % |"
+            f"| {r['deviation_value']:.4g} | {r['error']:.1e} | {r['old_gradients']} "
+            f"| {r['old_error']:.1e} | {100 * r['foreign']:.1f} % |"
         )
     return "\n".join(lines)
 

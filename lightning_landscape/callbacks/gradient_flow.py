@@ -14,15 +14,16 @@ from typing_extensions import override
 from lightning_landscape import panels
 from lightning_landscape.callbacks.base import MeasureContext, MeasurementCallback
 from lightning_landscape.callbacks.shared import SolveRequest
+from lightning_landscape.measures.flow_steps import lambda_min as bottom_eigen
 from lightning_landscape.measures.gradient_flow import (
     RK4_STABILITY,
     Flow,
     step_gap,
-    substeps_for,
     window_deviation,
+    window_substeps,
 )
 from lightning_landscape.measures.guard import BNMode
-from lightning_landscape.measures.operators import ProbeHessian, flatten
+from lightning_landscape.measures.operators import PreconditionedOperator, ProbeHessian, flatten
 from lightning_landscape.measures.sharpness import lambda_max, preconditioned_lambda_max
 from lightning_landscape.optim import NovoGrad
 from lightning_landscape.optim.flow_scale import bias_factor, effective_scale
@@ -99,14 +100,20 @@ class GradientFlowDeviation(MeasurementCallback):
       :mod:`lightning_landscape.measures.gradient_flow`). Cost: 1 probe gradient + 1 HVP.
     - with ``window = k > 0``: every ``window_every_n_steps`` steps ``θ_s`` is snapshotted (in
       the checkpointed callback state); ``k`` steps later the flow is integrated from ``θ_s``
-      by RK4 for the time ``T`` = the sum of the effective learning rates of those steps, with
-      sub-steps ``h ≤ rk4_c/λ`` (``λ`` = the larger of the warm-started λ_max at ``θ_s`` and at
-      ``θ_{s+k}``, of ``P^{-1/2}HP^{-1/2}`` for preconditioned optimizers, plus weight decay),
-      and ``deviation`` = ``‖θ_{s+k} − θ_flow‖ / ‖θ_flow − θ_s‖`` and ``window_steps`` = ``k``
-      are logged at step ``s+k``. Cost: ``4n`` probe gradients for ``n = ceil(Tλ/rk4_c)``
-      sub-steps (about ``4·2k/rk4_c`` at the edge of stability of GD) plus two λ_max solves
-      (one shared with ``Sharpness`` when it measures at the same step). It runs inside the
-      guard like every measurement and is charged to this callback's time budget.
+      by RK4 for the time ``T`` = the sum of the effective learning rates of those steps, and
+      ``deviation`` = ``‖θ_{s+k} − θ_flow‖ / ‖θ_flow − θ_s‖`` and ``window_steps`` = ``k`` are
+      logged at step ``s+k``. The RK4 sub-steps are error-controlled
+      (:func:`~lightning_landscape.measures.flow_steps.window_substeps`): their number ``n`` is
+      the smallest for which RK4's error on the extreme modes (λ_max, and λ_min under negative
+      curvature, whose modes grow) is at most ``rtol`` times the deviation ``k`` GD steps of
+      the window's mean step would have along them, and ``h·ρ ≤ rk4_c`` (``ρ`` the spectral
+      radius). λ_max and λ_min are the extremes of warm-started solves at ``θ_s`` and at
+      ``θ_{s+k}`` (of ``P^{-1/2}HP^{-1/2}`` for preconditioned optimizers, plus weight decay;
+      λ_min from a solve of ``λ_max·I − H``). Cost: ``4n`` probe gradients (``n`` = 7, 33, 33
+      for ``k = 10`` at ``z = ηλ_max`` = 0.2, 1, 2 at the default ``rtol``) plus two λ_max
+      solves (one shared with ``Sharpness`` when it measures at the same step) and two λ_min
+      solves. It runs inside the guard like every measurement and is charged to this
+      callback's time budget.
 
     Which flow. ``η`` is the optimizer's current learning rate ``param_groups[0]["lr"]``
     (recorded at every step of a window). The flow is ``dθ/dt = −P⁻¹(∇L + c⊙θ) − d⊙θ`` with
@@ -132,8 +139,12 @@ class GradientFlowDeviation(MeasurementCallback):
         window: steps ``k`` per deviation window (``0``: no windows).
         window_every_n_steps: start a window at every multiple of this (``>= window``;
             required when ``window > 0``).
-        rk4_c: RK4 sub-step bound ``h·λ ≤ rk4_c``, in ``(0, 2.78]``.
-        max_iter, tol: Lanczos cap and tolerance of the λ_max solves (they only size RK4 steps).
+        rk4_c: cap on the RK4 sub-step, ``h·ρ ≤ rk4_c``, in ``(0, 2.78]`` (``ρ``: the spectral
+            radius of the flow's Jacobian).
+        rtol: target error of the integration relative to the deviation (``None``: sub-steps
+            from ``rk4_c`` alone, ``n = ceil(Tρ/rk4_c)``).
+        max_iter, tol: Lanczos cap and tolerance of the λ_max and λ_min solves (they only size
+            RK4 steps).
         max_substeps: skip a window (with a warning) that would need more RK4 sub-steps.
 
     Example::
@@ -159,6 +170,7 @@ class GradientFlowDeviation(MeasurementCallback):
         window: int = 0,
         window_every_n_steps: int | None = None,
         rk4_c: float = 1.0,
+        rtol: float | None = 1e-3,
         max_iter: int = 20,
         tol: float = 1e-2,
         max_substeps: int = 10_000,
@@ -195,6 +207,9 @@ class GradientFlowDeviation(MeasurementCallback):
         ok = isinstance(rk4_c, (int, float)) and not isinstance(rk4_c, bool)
         if not (ok and 0.0 < rk4_c <= RK4_STABILITY):
             raise ValueError(f"`rk4_c` must be a number in (0, {RK4_STABILITY}], got {rk4_c!r}")
+        ok = isinstance(rtol, (int, float)) and not isinstance(rtol, bool)
+        if rtol is not None and not (ok and 0.0 < rtol < math.inf):
+            raise ValueError(f"`rtol` must be a positive number or None, got {rtol!r}")
         for name, value in (("max_iter", max_iter), ("max_substeps", max_substeps)):
             if not _is_int(value, 1):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
@@ -203,6 +218,7 @@ class GradientFlowDeviation(MeasurementCallback):
         self.window = window
         self.window_every_n_steps = window_every_n_steps
         self.rk4_c = float(rk4_c)
+        self.rtol = None if rtol is None else float(rtol)
         self.max_iter = max_iter
         self.tol = float(tol)
         self.max_substeps = max_substeps
@@ -252,10 +268,12 @@ class GradientFlowDeviation(MeasurementCallback):
             out.update(self._finish(ctx, op))
         return out
 
-    def _lambda(self, ctx: MeasureContext, op: ProbeHessian, flow: Flow, at_start: bool) -> float:
-        """Warm-started λ_max of ``H`` (or ``P^-1/2 H P^-1/2``) at the operator's point."""
-        key = "window_lanczos"
-        warm = self.vectors.get(key)
+    def _spectrum(
+        self, ctx: MeasureContext, op: ProbeHessian, flow: Flow, at_start: bool
+    ) -> tuple[float, float]:
+        """Warm-started λ_max and λ_min of ``H`` (or ``P^-1/2 H P^-1/2``) at the operator's point."""
+        warm = self.vectors.get("window_lanczos")
+        target: ProbeHessian | PreconditionedOperator = op
         if flow.inverse is None and not at_start:
             est = ctx.top_k(SolveRequest(k=1, max_iter=self.max_iter, tol=self.tol))
         elif flow.inverse is None:
@@ -264,11 +282,17 @@ class GradientFlowDeviation(MeasurementCallback):
             )
         else:
             diag = flow.inverse.to(device=op.device, dtype=op.dtype).reciprocal()
+            target = PreconditionedOperator(op, diag)
             est = preconditioned_lambda_max(
                 op, diag, warm_start=warm, max_iter=self.max_iter, tol=self.tol, seed=self.seed
             )
-        self.vectors[key] = est.eigenvectors.detach().cpu()
-        return est.lambda_max
+        self.vectors["window_lanczos"] = est.eigenvectors.detach().cpu()
+        low = bottom_eigen(
+            target, shift=est.lambda_max, warm_start=self.vectors.get("window_bottom"),
+            max_iter=self.max_iter, tol=self.tol, seed=self.seed,
+        )  # fmt: skip
+        self.vectors["window_bottom"] = low.vector.detach().cpu()
+        return est.lambda_max, low.value
 
     def _finish(self, ctx: MeasureContext, op: ProbeHessian) -> dict[str, float]:
         assert self._window is not None
@@ -276,25 +300,29 @@ class GradientFlowDeviation(MeasurementCallback):
         device = op.device
         start = v["start"].to(device)  # type: ignore[union-attr]
         flow = Flow(*(None if v[n] is None else v[n].to(device) for n in _WINDOW[1:]))  # type: ignore[union-attr]
-        time = math.fsum(self._window.times)
+        time, steps = math.fsum(self._window.times), len(self._window.times)
         end = op.vector()
-        lam = self._lambda(ctx, op, flow, at_start=False)
+        hi, lo = self._spectrum(ctx, op, flow, at_start=False)
         op.set_vector(start.to(op.dtype))
         try:
-            lam = max(lam, self._lambda(ctx, op, flow, at_start=True))
+            hi_s, lo_s = self._spectrum(ctx, op, flow, at_start=True)
         finally:
             op.set_vector(end)
-        rate = flow.rate(lam)
-        if substeps_for(time, rate, self.rk4_c) > self.max_substeps:
+        rate, rate_min = flow.rate(max(hi, hi_s)), flow.rate_min(min(lo, lo_s))
+        k = max(steps, 1)  # (a window always holds its steps; never divide by 0)
+        n = window_substeps(time, k, rate, rate_min, rtol=self.rtol, c=self.rk4_c)
+        if n > self.max_substeps:
             self.warn_once(
                 f"GradientFlowDeviation: a window needs more than max_substeps="
-                f"{self.max_substeps} RK4 sub-steps (time {time:g}, λ {rate:g}); skipped."
+                f"{self.max_substeps} RK4 sub-steps (the error-controlled rule: raise "
+                "max_substeps or rtol); such windows are skipped."
             )
             return {}
         result = window_deviation(
-            op, start=start, end=end, time=time, rate=rate, c=self.rk4_c, flow=flow
-        )
-        return {"deviation": result.deviation, "window_steps": float(len(self._window.times))}
+            op, start=start, end=end, time=time, steps=k, rate=rate, rate_min=rate_min,
+            rtol=self.rtol, c=self.rk4_c, flow=flow, max_substeps=self.max_substeps,
+        )  # fmt: skip
+        return {"deviation": result.deviation, "window_steps": float(steps)}
 
     # -- windows -------------------------------------------------------------------------------
     def _open(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

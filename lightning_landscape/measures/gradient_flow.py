@@ -26,19 +26,21 @@ small-``z`` limit ``z/2`` (``0 ≤ z/2 − exact ≤ z²/6``; for ``z ≫ 1`` th
 
 **Window deviation** (:func:`window_deviation`). From a snapshot ``θ_s`` integrate the flow for
 time ``T`` (the sum of the effective learning rates of the ``k`` steps taken since) with
-classical RK4, in ``n = ceil(T·rate/c)`` equal sub-steps (``rate`` bounds the largest
-eigenvalue of ``−J``, i.e. λ_max of ``P^{-1/2}HP^{-1/2}`` plus the decays; RK4 is stable for
-``h·rate ≤ 2.78`` and its error per unit time is ``O((h·rate)^4)``), and compare with the
-optimizer's ``θ_{s+k}``:
+classical RK4 in ``n`` equal sub-steps, and compare with the optimizer's ``θ_{s+k}``:
 
 .. math:: D = ‖θ_{s+k} − θ_{flow}‖ / ‖θ_{flow} − θ_s‖
 
-Cost: ``4n`` probe gradients (four RK4 stages per sub-step), ``n ≈ kz/c`` with ``z = ηλ``
-(about ``2k/c`` at the edge of stability). On one eigendirection with ``k = 1``
-``D = |1 − z − e^{−z}|/(1 − e^{−z})``; normalised by the optimizer's own displacement
-(``relative_to_steps``) it is ``|1 − z − e^{−z}|/z``. The comparison is exact for full-batch GD
-on the probe; with mini-batches ``θ_{s+k}`` also carries the gradient noise of the batches,
-which ``D`` then contains too.
+``n`` is error-controlled (:func:`~.flow_steps.window_substeps`): the smallest for which
+RK4's error on the extreme eigen-modes of ``−J`` (``λ_max``, and ``λ_min`` when the
+curvature is negative: those modes grow) is at most ``rtol`` (1e-3) times the deviation of
+``k`` gradient-descent steps of the window's mean step ``T/k`` along them, and ``h·ρ ≤ c``
+(``ρ`` the spectral radius). Cost: ``4n`` probe gradients (four RK4 stages per sub-step);
+``n ≈ kz/(60·rtol·z)^{1/4}`` for ``z = ηλ_max < 1`` without negative curvature (7 sub-steps
+for ``k = 10`` at ``z = 0.2``, 33 at ``z = 1`` and ``z = 2``). On one eigendirection with
+``k = 1`` ``D = |1 − z − e^{−z}|/(1 − e^{−z})``; normalised by the optimizer's own
+displacement (``relative_to_steps``) it is ``|1 − z − e^{−z}|/z``. The comparison is exact for
+full-batch GD on the probe; with mini-batches ``θ_{s+k}`` also carries the gradient noise of
+the batches, which ``D`` then contains too.
 
 Example::
 
@@ -61,126 +63,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
+from .flow_field import Flow, FlowOperator, _number
+from .flow_steps import RK4_STABILITY, substeps_for, window_substeps
 from .operators import NonFiniteError
 
 __all__ = [
     "Flow",
     "FlowOperator",
     "FlowPath",
+    "RK4_STABILITY",
     "StepGap",
     "WindowDeviation",
     "deviation",
     "integrate_flow",
     "step_gap",
+    "substeps_for",
     "window_deviation",
+    "window_substeps",
 ]
-
-#: RK4's stability interval on the negative real axis is ``h·λ ≤ 2.785``.
-RK4_STABILITY = 2.78
-
-
-class FlowOperator(Protocol):
-    """What the flow needs from an operator (:class:`~.operators.ProbeHessian` has it)."""
-
-    def loss_and_gradient(self) -> tuple[float, torch.Tensor]: ...
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor: ...
-
-    def vector(self) -> torch.Tensor: ...
-
-    def set_vector(self, vector: torch.Tensor) -> None: ...
-
-
-def _number(name: str, value: object, *, positive: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    number = float(value) if ok else math.nan  # type: ignore[arg-type]
-    if not math.isfinite(number) or number < 0 or (positive and number == 0):
-        kind = "a positive" if positive else "a non-negative"
-        raise ValueError(f"`{name}` must be {kind} finite number, got {value!r}")
-    return number
-
-
-def _vector(name: str, value: torch.Tensor | None) -> torch.Tensor | None:
-    if value is None:
-        return None
-    if not isinstance(value, torch.Tensor) or value.dim() != 1:
-        raise ValueError(f"`{name}` must be a flat tensor or None, got {value!r}")
-    if bool((value < 0).any()) or not bool(torch.isfinite(value).all()):
-        raise ValueError(f"`{name}` must be finite and >= 0, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class Flow:
-    """The vector field ``F(θ) = −inverse ⊙ (∇L + coupled ⊙ θ) − decoupled ⊙ θ``.
-
-    Attributes:
-        inverse: ``P⁻¹`` as a flat vector in the operator's parameter order (``0`` for frozen
-            entries); ``None``: ``P = I``.
-        coupled: L2 weight decay added to the gradient, per entry (``None``: none).
-        decoupled: weight decay applied outside the preconditioner, per entry (``None``: none).
-    """
-
-    inverse: torch.Tensor | None = None
-    coupled: torch.Tensor | None = None
-    decoupled: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("inverse", "coupled", "decoupled"):
-            _vector(name, getattr(self, name))
-
-    @classmethod
-    def preconditioned(
-        cls,
-        diagonal: torch.Tensor,
-        *,
-        coupled: torch.Tensor | None = None,
-        decoupled: torch.Tensor | None = None,
-    ) -> Flow:
-        """The flow ``θ̇ = −P⁻¹∇L`` (plus decays) for a positive diagonal ``P`` (``+inf``: frozen)."""
-        if not isinstance(diagonal, torch.Tensor) or diagonal.dim() != 1:
-            raise ValueError(f"`diagonal` must be a flat tensor, got {diagonal!r}")
-        if bool((diagonal <= 0).any()) or bool(torch.isnan(diagonal).any()):
-            raise ValueError("`diagonal` must be positive (a diagonal preconditioner)")
-        return cls(inverse=diagonal.reciprocal(), coupled=coupled, decoupled=decoupled)
-
-    def check(self, size: int) -> None:
-        """Raise ``ValueError`` unless every vector has ``size`` entries."""
-        for name in ("inverse", "coupled", "decoupled"):
-            t = getattr(self, name)
-            if t is not None and t.numel() != size:
-                raise ValueError(f"`{name}` must have {size} entries, got {t.numel()}")
-
-    def _cast(self, t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-        return None if t is None else t.to(device=like.device, dtype=like.dtype)
-
-    def velocity(self, theta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """``F(θ)`` from ``θ`` and ``∇L(θ)``."""
-        inverse, coupled, decoupled = (self._cast(t, grad) for t in self._vectors())
-        u = grad if coupled is None else grad + coupled * theta.to(grad.dtype)
-        out = -(u if inverse is None else inverse * u)
-        return out if decoupled is None else out - decoupled * theta.to(grad.dtype)
-
-    def jacobian_vector(self, hv: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``J v`` given ``H v`` (``J = −P⁻¹(H + C) − D``)."""
-        return self.velocity(v, hv)  # F is affine in (θ, ∇L): J v = F(v, Hv)
-
-    def rate(self, lambda_max: float) -> float:
-        """An upper bound of the eigenvalues of ``−J`` from ``λ_max(P^-1/2 H P^-1/2)``."""
-        extra = 0.0
-        if self.coupled is not None:
-            inv = torch.ones_like(self.coupled) if self.inverse is None else self.inverse
-            extra += float((inv.to(self.coupled) * self.coupled).max())
-        if self.decoupled is not None:
-            extra += float(self.decoupled.max())
-        return max(float(lambda_max), 0.0) + extra
-
-    def _vectors(self) -> tuple[torch.Tensor | None, ...]:
-        return (self.inverse, self.coupled, self.decoupled)
 
 
 @dataclass(frozen=True)
@@ -246,22 +149,18 @@ class FlowPath:
     gradients: int
 
 
-def substeps_for(time: float, rate: float, c: float) -> int:
-    """``n = max(1, ceil(time·rate/c))``: the sub-steps keeping ``h·rate ≤ c``."""
-    return max(1, math.ceil(time * max(rate, 0.0) / c - 1e-12))
-
-
 def integrate_flow(
     operator: FlowOperator,
     *,
     time: float,
-    rate: float,
+    rate: float | None = None,
     c: float = 1.0,
     flow: Flow | None = None,
     start: torch.Tensor | None = None,
     max_substeps: int = 100_000,
+    substeps: int | None = None,
 ) -> FlowPath:
-    """Integrate ``θ̇ = F(θ)`` from ``start`` for ``time`` with RK4, sub-step ``h ≤ c/rate``.
+    """Integrate ``θ̇ = F(θ)`` from ``start`` for ``time`` with RK4 in equal sub-steps.
 
     The state is kept in float64; the operator's parameters are set to each stage's point and
     restored on exit (run it inside :func:`~.guard.guard` all the same).
@@ -269,30 +168,38 @@ def integrate_flow(
     Args:
         operator: the probe Hessian operator (only its gradients are used).
         time: integration time ``T >= 0``.
-        rate: the stiffness bound ``λ`` (e.g. ``flow.rate(λ_max)``); non-positive: one step.
+        rate: the stiffness bound ``ρ`` (spectral radius of ``J``); sub-steps ``h ≤ c/ρ``;
+            non-positive: one step. Not needed when ``substeps`` is given.
         c: sub-step bound ``h·rate ≤ c``, in ``(0, 2.78]`` (RK4's stability limit).
         flow: the preconditioner and decays (default: plain gradient flow).
         start: the initial point (default: the operator's current parameters).
         max_substeps: refuse to integrate with more sub-steps than this.
+        substeps: the number of sub-steps ``n`` (e.g. from :func:`window_substeps`).
 
     Raises:
         NonFiniteError: a gradient or the end point is not finite (the flow blew up).
     """
     total = _number("time", time)
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
-        raise ValueError(f"`rate` must be a finite number, got {rate!r}")
     step_bound = _number("c", c, positive=True)
     if step_bound > RK4_STABILITY:
         raise ValueError(f"`c` must be in (0, {RK4_STABILITY}] (RK4 stability), got {c!r}")
     if isinstance(max_substeps, bool) or not isinstance(max_substeps, int) or max_substeps < 1:
         raise ValueError(f"`max_substeps` must be a positive integer, got {max_substeps!r}")
-    flow = flow or Flow()
-    n = substeps_for(total, float(rate), step_bound)
+    if substeps is None:
+        bad = isinstance(rate, bool) or not isinstance(rate, (int, float))
+        if bad or not math.isfinite(rate):  # type: ignore[arg-type]
+            raise ValueError(f"`rate` must be a finite number, got {rate!r}")
+        n = substeps_for(total, float(rate), step_bound)  # type: ignore[arg-type]
+    elif isinstance(substeps, bool) or not isinstance(substeps, int) or substeps < 1:
+        raise ValueError(f"`substeps` must be a positive integer or None, got {substeps!r}")
+    else:
+        n = substeps
     if n > max_substeps:
         raise ValueError(
-            f"integrating for time {total:g} at rate {rate:g} needs {n} RK4 sub-steps, more "
-            f"than `max_substeps`={max_substeps}"
+            f"integrating for time {total:g} needs {n} RK4 sub-steps (rate {rate}), more than "
+            f"`max_substeps`={max_substeps}"
         )
+    flow = flow or Flow()
     original = operator.vector()
     theta = (original if start is None else start).detach().to(torch.float64).clone()
     flow.check(theta.numel())
@@ -370,6 +277,9 @@ def window_deviation(
     c: float = 1.0,
     flow: Flow | None = None,
     max_substeps: int = 100_000,
+    steps: int = 1,
+    rate_min: float = 0.0,
+    rtol: float | None = 1e-3,
 ) -> WindowDeviation:
     """Integrate the flow from ``start`` for ``time`` and compare its end with ``end``.
 
@@ -378,10 +288,19 @@ def window_deviation(
         start: ``θ_s``, the snapshot (flat, in the operator's parameter order).
         end: ``θ_{s+k}``, where the optimizer got to.
         time: the sum of the effective learning rates of the ``k`` steps.
-        rate, c, flow, max_substeps: as in :func:`integrate_flow`.
+        rate: the largest eigenvalue of ``−J`` (``flow.rate(λ_max)``).
+        c: the cap ``h·ρ ≤ c`` on the sub-step, in ``(0, 2.78]``.
+        flow, max_substeps: as in :func:`integrate_flow`.
+        steps: the window's optimizer steps ``k`` (pass it: the target scales with ``T/k``).
+        rate_min: the smallest eigenvalue of ``−J`` (``flow.rate_min(λ_min)``; negative under
+            negative curvature).
+        rtol: target integration error relative to the deviation (``None``: only ``h·ρ ≤ c``);
+            see :func:`~.flow_steps.window_substeps`.
     """
+    n = window_substeps(time, steps, rate, rate_min, rtol=rtol, c=c)
     path = integrate_flow(
-        operator, time=time, rate=rate, c=c, flow=flow, start=start, max_substeps=max_substeps
-    )
+        operator, time=time, rate=rate, c=c, flow=flow, start=start, max_substeps=max_substeps,
+        substeps=n,
+    )  # fmt: skip
     d, rel = deviation(start, end, path.end)
     return WindowDeviation(d, rel, path)
