@@ -160,6 +160,9 @@ class MeasurementCallback(Callback):
     #: Measure once at step 0, before the first optimizer step (subclasses with their own
     #: schedule, such as ``LossLandscape``, turn it off).
     measure_at_start: ClassVar[bool] = True
+    #: A measurement with no scalars still produced something (figures, files): log it as a
+    #: point. Otherwise an empty result means "nothing could be measured yet".
+    logs_without_scalars: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -198,6 +201,7 @@ class MeasurementCallback(Callback):
         self.plan_summary: dict[str, Any] = {}
         self.run_summary: dict[str, Any] = {}
         self._capture_seconds = 0.0
+        self._empty_streak = 0
         self.probe_batch_size = probe_batch_size
         self.probe_dataloader = probe_dataloader
         self.bn: BNMode = bn
@@ -564,6 +568,14 @@ class MeasurementCallback(Callback):
         wall = time.perf_counter() - start
         shared_state(trainer).busy += wall
         cost = max(wall + ctx.cost_adjustment, 0.0) + self._capture_seconds
+        if not metrics and not self.logs_without_scalars:
+            # nothing could be measured yet (e.g. no optimizer state): not a point of the plan;
+            # look again soon, backing off (1, 2, 4, … steps) while it stays so
+            self.seconds += cost
+            self._empty_streak += 1
+            self.cadence.next_check = trainer.global_step + 2 ** min(self._empty_streak - 1, 10)
+            return
+        self._empty_streak = 0
         self._capture_seconds = 0.0
         self.cadence.record(cost)
         if self.cadence.planned:  # rank 0 re-plans from the new cost, every rank follows

@@ -5,7 +5,8 @@ double-backward formula, an out-of-memory error, a ``training_step`` that return
 bug) skips that measurement. :class:`FailurePolicy` keeps the bookkeeping of one callback:
 
 - the *cause* of a failure is its exception type and message with numbers blanked out, so one
-  cause gives one warning however often (and at whichever step) it recurs;
+  cause gives one warning however often (and at whichever step) it recurs (the warning quotes
+  the first occurrence's message as it was);
 - the warning names the callback, the exception and, where one is known, the fix;
 - ``skipped`` counts every skipped measurement (logged as ``landscape/<name>/skipped``);
 - after ``limit`` consecutive failures with the same cause the callback stops measuring for the
@@ -129,9 +130,11 @@ class FailurePolicy:
         if error is not None:
             cause = cause_of(error)
             hint = hint_for(error)
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
             self.warn_once(
                 cause,
-                f"{self.owner}: skipped a measurement after {cause}. "
+                f"{self.owner}: skipped a measurement after {type(error).__name__}: "
+                f"{first_line}. "
                 + (hint + " " if hint else "")
                 + f"Training goes on; skips are counted in {self.skipped_tag}.",
             )

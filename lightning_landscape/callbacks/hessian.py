@@ -13,7 +13,12 @@ from lightning_landscape import panels
 from lightning_landscape.callbacks.base import MeasureContext, MeasurementCallback
 from lightning_landscape.callbacks.shared import SolveRequest
 from lightning_landscape.measures.diagonal import hutchinson_diagonal, rmed
-from lightning_landscape.measures.eigen import hutchpp_trace, slq_density, top_eigen
+from lightning_landscape.measures.eigen import (
+    EigenEstimate,
+    hutchpp_trace,
+    slq_density,
+    top_eigen,
+)
 from lightning_landscape.measures.guard import BNMode
 from lightning_landscape.measures.operators import unflatten
 
@@ -47,7 +52,8 @@ class HessianEigenvalues(MeasurementCallback):
 
     Logged under ``landscape/hessian/``: ``eig_1`` … ``eig_k`` (algebraically largest,
     descending), ``lambda_min`` (most negative curvature), ``residual`` (largest relative
-    residual of the k pairs); with ``trace=True`` ``trace`` (Hutch++, ``trace_matvecs``
+    residual ``‖Hv − λv‖/|λ|`` of the k pairs), ``lambda_min_residual`` (the same for
+    ``lambda_min``); with ``trace=True`` ``trace`` (Hutch++, ``trace_matvecs``
     HVPs); with ``per_layer`` ``<module>/eig_1`` (λ_max of that module's Hessian block, other
     parameters held fixed); with ``rmed=True`` ``rmed/<module>`` (max/median of the absolute
     Hutchinson diagonal of the module's block, ``rmed_samples`` HVPs); with
@@ -55,11 +61,21 @@ class HessianEigenvalues(MeasurementCallback):
     ``density_runs × density_steps`` HVPs) under ``landscape/hessian/density``.
 
     When ``Sharpness`` measures at the same step with the same probe, the top-k solve is shared.
+    The solve iterates until all k pairs *and* ``lambda_min`` have a relative eigenvalue-error
+    bound below ``tol`` (:func:`~lightning_landscape.measures.eigen.top_eigen`), up to
+    ``max_iter`` products; when the cap stops it first, one warning says so (the residuals are
+    logged at every step). With ``k ≥ 2`` the Krylov space grows from a block of 2 vectors,
+    so a doubly repeated eigenvalue shows as ``eig_i = eig_{i+1}``; higher multiplicities show
+    at most twice (single-vector Lanczos would show every repeated eigenvalue once).
 
     Args:
         k: number of top eigenvalues.
-        max_iter: cap on Lanczos steps of the top-k solve (default ``max(20, 4k)``).
-        tol: relative residual at which the solve stops.
+        max_iter: cap on HVPs of the top-k solve (default ``max(40, 10 (k + 1))``: the k
+            pairs and ``lambda_min`` each take about 10 products cold in a clustered spectrum;
+            a warm-started solve usually stops well before).
+        tol: relative eigenvalue-error bound at which the solve stops (all k pairs and
+            ``lambda_min``; an eigenvalue below 0.1 ``eig_1`` in magnitude is resolved to
+            ``0.1 tol eig_1``).
         trace: estimate the trace.
         trace_matvecs: HVPs spent on the trace.
         density_every_n_steps: draw the density at a measured step once this many steps have
@@ -135,7 +151,7 @@ class HessianEigenvalues(MeasurementCallback):
                 f"`per_layer` must be a bool or a list of module names, got {per_layer!r}"
             )
         self.k = k
-        self.max_iter = max_iter if max_iter is not None else max(20, 4 * k)
+        self.max_iter = max_iter if max_iter is not None else max(40, 10 * (k + 1))
         self.tol = float(tol)
         self.trace = bool(trace)
         self.trace_matvecs = trace_matvecs
@@ -154,7 +170,7 @@ class HessianEigenvalues(MeasurementCallback):
     @override
     def charts(self) -> list[panels.Chart]:
         base = "landscape/hessian/"
-        charts = [panels.Chart("Hessian top-k", (base + r"eig_\d+", base + "lambda_min"))]
+        charts = [panels.Chart("Hessian top-k", (base + r"eig_\d+$", base + "lambda_min$"))]
         if self.trace:
             charts.append(panels.Chart("Hessian trace", (base + "trace",)))
         if self.per_layer:
@@ -162,6 +178,20 @@ class HessianEigenvalues(MeasurementCallback):
         if self.rmed:
             charts.append(panels.Chart("R_med by layer", (base + r"rmed/.+",)))
         return charts
+
+    def _check_converged(self, est: EigenEstimate) -> None:
+        """Warn (once) when the solve stopped at its cap before this callback's tolerance."""
+        if est.errors is None:
+            done = est.converged
+        else:
+            done = bool((est.errors[: self.k] <= self.tol).all()) and est.min_error <= self.tol
+        if not done:
+            self.warn_once(
+                f"HessianEigenvalues: the top-{self.k} solve hit its cap of {self.max_iter} "
+                f"HVPs before all eigenvalues and lambda_min reached tol={self.tol:g}; see "
+                "landscape/hessian/residual and lambda_min_residual (raise `max_iter` or "
+                "`tol`). Warned once."
+            )
 
     def _modules(self, model: nn.Module) -> dict[str, list[str]]:
         owners = parameter_modules(model)
@@ -180,6 +210,8 @@ class HessianEigenvalues(MeasurementCallback):
         out = {f"eig_{i + 1}": float(v) for i, v in enumerate(est.eigenvalues[: self.k])}
         out["lambda_min"] = est.lambda_min
         out["residual"] = float(est.residuals[: self.k].max())
+        out["lambda_min_residual"] = float(est.min_residual)
+        self._check_converged(est)
         op = ctx.operator()
         if self.trace:
             out["trace"] = hutchpp_trace(op, matvecs=self.trace_matvecs, seed=self.seed).estimate

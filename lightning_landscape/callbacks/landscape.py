@@ -153,6 +153,7 @@ class LossLandscape(MeasurementCallback):
     """
 
     family = "landscape"
+    logs_without_scalars = True
     measure_at_start = False
 
     def __init__(

@@ -80,7 +80,8 @@ def train_batch_size(trainer: pl.Trainer, fallback: int) -> int:
 def capture(
     cb: MeasurementCallback, trainer: pl.Trainer, pl_module: pl.LightningModule, size: int
 ) -> Probe:
-    """This rank's shard of a ``size``-sample probe for ``cb`` (see the module docstring)."""
+    """This rank's shard of a ``size``-sample probe for ``cb`` (see the module docstring),
+    each batch prepared as Lightning prepares a training batch (:func:`prepare_batch`)."""
     world, rank = trainer.world_size, trainer.global_rank
     if size < world:
         raise ValueError(
@@ -108,10 +109,18 @@ def capture(
             mine = slice_batch(probe.batches[0], 0, probe.num_samples)
             index = torch.arange(rank, probe.num_samples, world, device=pl_module.device)
             probe = Probe.from_samples(index_batch(mine, index), batch_size=cb.probe_batch_size)
-        transfer = getattr(pl_module, "_apply_batch_transfer_handler", None)
-        if callable(transfer):
-            probe.batches = [transfer(b) for b in probe.batches]
+        probe.batches = [prepare_batch(trainer, pl_module, b) for b in probe.batches]
     return probe
+
+
+def prepare_batch(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+    """What Lightning does to a training batch before ``training_step``, through public hooks:
+    the module's batch-transfer hooks, then the precision plugin's input conversion (so a
+    ``"64-true"`` or ``"bf16-true"`` model gets inputs of its own dtype)."""
+    batch = pl_module.on_before_batch_transfer(batch, 0)
+    batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+    batch = pl_module.on_after_batch_transfer(batch, 0)
+    return trainer.precision_plugin.convert_input(batch)
 
 
 def cut(probe: Probe, size: int, world: int, rank: int, batch_size: int) -> Probe:

@@ -156,7 +156,9 @@ class Shared:
         """The top-k solve of ``operator`` at ``step``, computed once for all ``requests``.
 
         Returns the solve and whether this call computed it (``False``: served from the solve
-        another callback computed at this step).
+        another callback computed at this step). The fresh random directions of the solve are
+        drawn from ``seed`` and ``step`` (the same on every rank, different at every step), so
+        that a direction the warm start misses at one step is looked for anew at the next.
         """
         cached = self.solves.get((step, key))
         k = max(r.k for r in requests)
@@ -172,7 +174,7 @@ class Shared:
             tol=min(r.tol for r in requests),
             bottom=any(r.bottom for r in requests),
             warm_start=None if warm is None else warm.to(operator.device, operator.dtype),
-            seed=seed,
+            seed=(seed * 1_000_003 + step) % 2**63,
         )
         solve = Solve(est, time.perf_counter() - start, len(requests))
         self.solves[(step, key)] = solve

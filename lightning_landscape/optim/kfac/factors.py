@@ -159,14 +159,21 @@ def eigen(matrix: torch.Tensor) -> Eigen:
     """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD factor.
 
     The matrix is symmetrised first. If the solver does not converge (rare, nearly repeated
-    eigenvalues in float32) it is retried in float64; results come back in the input dtype.
+    eigenvalues in float32) or silently returns non-finite values (seen with float32 ``eigh``
+    on one CPU thread for an exactly singular factor, e.g. a conv whose patches are mostly
+    padding) it is retried in float64; results come back in the input dtype.
     """
     sym = 0.5 * (matrix + matrix.T)
     try:
         d, q = torch.linalg.eigh(sym)
+        finite = bool(torch.isfinite(d).all()) and bool(torch.isfinite(q).all())
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+        finite = False
+    if not finite and sym.dtype != torch.float64:
         d, q = torch.linalg.eigh(sym.double())
         d, q = d.to(matrix.dtype), q.to(matrix.dtype)
+    elif not finite:
+        raise torch.linalg.LinAlgError("eigh of a K-FAC factor gave non-finite values")
     return d.clamp_min(0.0), q
 
 

@@ -1,0 +1,1 @@
+"""Tests that need a CUDA device (marked ``cuda``; skipped without one)."""
