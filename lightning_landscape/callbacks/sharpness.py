@@ -77,6 +77,11 @@ class Sharpness(MeasurementCallback):
             with its own ``probe_dataloader``).
         strict: re-raise an exception inside a measurement instead of skipping it.
         progress_bar: show ``ratio`` (or ``lambda_max``) in the progress bar.
+        settle_steps: for preconditioned optimizers ``preconditioned`` and ``ratio`` are not
+            taken before this many optimizer steps: ``P`` is read from the optimizer's state
+            (Adam's second moments and their bias correction), which is absent at step 0 and
+            dominated by the first few gradients after it (``lambda_max`` and ``threshold`` are
+            logged from step 0).
 
     Example::
 
@@ -111,6 +116,7 @@ class Sharpness(MeasurementCallback):
         name: str | None = None,
         strict: bool = False,
         progress_bar: bool = True,
+        settle_steps: int = 10,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -153,6 +159,9 @@ class Sharpness(MeasurementCallback):
         self.adaptive = bool(adaptive)
         self.adaptive_offset = float(adaptive_offset)
         self.progress_bar = bool(progress_bar)
+        if not isinstance(settle_steps, int) or isinstance(settle_steps, bool) or settle_steps < 0:
+            raise ValueError(f"`settle_steps` must be an integer >= 0, got {settle_steps!r}")
+        self.settle_steps = settle_steps
 
     @override
     def solve_request(self) -> SolveRequest:
@@ -214,6 +223,13 @@ class Sharpness(MeasurementCallback):
                 "preconditioned optimizer); logging lambda_max without threshold/ratio "
                 "(register one with lightning_landscape.optim.register_stability)."
             )
+        elif (
+            self.preconditioned is not False
+            and stab.preconditioned
+            and (ctx.step < self.settle_steps)
+        ):
+            # P is read from the optimizer's state: not meaningful before it has settled
+            sharp = float("nan")
         elif self.preconditioned is not False and stab.preconditioned:
             if stab.inverse_sqrt is not None:  # a non-diagonal P (K-FAC): S (H + D) S
                 apply, params = stab.inverse_sqrt, op.parameters

@@ -35,7 +35,9 @@ CALLBACKS = {
     ),
     # windows of 4 steps every 4 steps end on the steps the shared checks measure; the window
     # path in depth (closed forms, resume mid-window) is tested in test_gradient_flow.py
-    "gradient_flow": lambda **kw: GradientFlowDeviation(window=4, window_every_n_steps=4, **kw),
+    "gradient_flow": lambda **kw: GradientFlowDeviation(
+        window=4, window_every_n_steps=4, settle_steps=0, **kw
+    ),
     "sample_variance": lambda **kw: SampleVarianceDecay(**kw),
 }
 
@@ -188,7 +190,7 @@ def test_sharpness_sgd_values_against_dense_reference():
 
 def test_sharpness_adam_preconditioned_against_dense_reference():
     log = RecordingLogger()
-    cb = Sharpness(every_n_steps=6, probe_size=40, tol=1e-6, max_iter=80)
+    cb = Sharpness(every_n_steps=6, probe_size=40, tol=1e-6, max_iter=80, settle_steps=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, t = fit([cb], model=Net(optimizer="adam", lr=1e-2), logger=log, max_steps=6)

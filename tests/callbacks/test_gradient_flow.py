@@ -108,7 +108,7 @@ CASES = {  # name, lr, optimizer kwargs, κ (effective step / lr)
 def test_logged_values_equal_the_closed_forms(case: str) -> None:
     """θ(t) = θ* + exp(−Mt)(θ_s − θ*) with M = A + wd·I, time T = k·κ·lr."""
     name, lr, kw, kappa = CASES[case]
-    cb = GradientFlowDeviation(every_n_steps=3, probe_size=N, window=4, window_every_n_steps=5,
+    cb = GradientFlowDeviation(settle_steps=0, every_n_steps=3, probe_size=N, window=4, window_every_n_steps=5,
                                rk4_c=0.05, tol=1e-8, max_iter=4)  # fmt: skip
     log = train(cb, name, lr, 14, **kw)
     thetas, _, a, b = reference(name, lr, 14, **kw)
@@ -135,7 +135,7 @@ def test_logged_values_equal_the_closed_forms(case: str) -> None:
 def test_adam_uses_its_frozen_bias_corrected_preconditioner() -> None:
     """Adam: θ̇ = −P⁻¹∇L with P = √(v/(1−β2^t)) + ε frozen at the snapshot, time k·lr."""
     lr, betas = 0.05, (0.9, 0.999)
-    cb = GradientFlowDeviation(every_n_steps=3, probe_size=N, window=4, window_every_n_steps=5,
+    cb = GradientFlowDeviation(settle_steps=0, every_n_steps=3, probe_size=N, window=4, window_every_n_steps=5,
                                rk4_c=0.05, tol=1e-8, max_iter=4)  # fmt: skip
     with pytest.warns(UserWarning, match="no state yet"):
         log = RecordingLogger()
@@ -233,7 +233,12 @@ def test_no_observer_effect_and_shared_lambda_max_untouched() -> None:
     cbs = [
         Sharpness(every_n_steps=4, probe_size=40),
         GradientFlowDeviation(
-            every_n_steps=3, probe_size=40, probe_batch_size=16, window=4, window_every_n_steps=4
+            settle_steps=0,
+            every_n_steps=3,
+            probe_size=40,
+            probe_batch_size=16,
+            window=4,
+            window_every_n_steps=4,
         ),  # fmt: skip
     ]
     got, _ = fit(cbs, logger=log)
@@ -264,7 +269,7 @@ def test_resume_mid_window_equals_uninterrupted(tmp_path) -> None:
         return model
 
     def make() -> GradientFlowDeviation:
-        return GradientFlowDeviation(every_n_steps=2, probe_size=32, window=4,
+        return GradientFlowDeviation(settle_steps=0, every_n_steps=2, probe_size=32, window=4,
                                      window_every_n_steps=6)  # fmt: skip
 
     log_full = RecordingLogger()
@@ -295,7 +300,9 @@ def test_resume_mid_window_equals_uninterrupted(tmp_path) -> None:
 
 def test_non_finite_windows_and_gaps_are_skipped_training_goes_on() -> None:
     log = RecordingLogger()
-    cb = GradientFlowDeviation(every_n_steps=2, probe_size=32, window=2, window_every_n_steps=4)
+    cb = GradientFlowDeviation(
+        settle_steps=0, every_n_steps=2, probe_size=32, window=2, window_every_n_steps=4
+    )
     _, t = fit([cb], model=Net(nan_at_step=5), logger=log, max_steps=10)
     assert t.global_step == 10
     assert sorted(log.series(TAG + "deviation")) == [2]
@@ -306,7 +313,9 @@ def test_non_finite_windows_and_gaps_are_skipped_training_goes_on() -> None:
 
 def test_unknown_optimizer_warns_once_and_uses_lr() -> None:
     log = RecordingLogger()
-    cb = GradientFlowDeviation(every_n_steps=2, probe_size=32, window=2, window_every_n_steps=4)
+    cb = GradientFlowDeviation(
+        settle_steps=0, every_n_steps=2, probe_size=32, window=2, window_every_n_steps=4
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pl.seed_everything(0, verbose=False)
@@ -317,7 +326,9 @@ def test_unknown_optimizer_warns_once_and_uses_lr() -> None:
 
 
 def test_window_cost_is_charged_to_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    cb = GradientFlowDeviation(every_n_steps=100, probe_size=32, window=2, window_every_n_steps=4)
+    cb = GradientFlowDeviation(
+        settle_steps=0, every_n_steps=100, probe_size=32, window=2, window_every_n_steps=4
+    )
     recorded: list[int] = []
     real = cb.cadence.record
     monkeypatch.setattr(
@@ -329,7 +340,7 @@ def test_window_cost_is_charged_to_the_budget(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_fast_dev_run_does_nothing() -> None:
-    cb = GradientFlowDeviation(every_n_steps=1, window=1, window_every_n_steps=1)
+    cb = GradientFlowDeviation(settle_steps=0, every_n_steps=1, window=1, window_every_n_steps=1)
     fit([cb], fast_dev_run=2)
     assert cb.probe is None and cb.last_metrics == {} and cb._window is None
 
@@ -358,4 +369,4 @@ def test_fast_dev_run_does_nothing() -> None:
 )
 def test_bad_arguments_name_the_argument(kwargs: dict[str, Any], arg: str) -> None:
     with pytest.raises(ValueError, match=f"`{arg}`"):
-        GradientFlowDeviation(**kwargs)
+        GradientFlowDeviation(settle_steps=0, **kwargs)

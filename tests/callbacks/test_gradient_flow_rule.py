@@ -65,7 +65,9 @@ def test_defaults_resolve_negative_curvature_and_small_deviations(
 ) -> None:
     """Default rk4_c/rtol: the logged deviation is within 1e-2 of exp(−AT)θ_s vs (1 − ηA)^kθ_s
     (λ_min from the callback's own solve; the old λ_max-only rule read 0.12 for 0.62)."""
-    cb = GradientFlowDeviation(every_n_steps=1000, probe_size=8, window=k, window_every_n_steps=k)
+    cb = GradientFlowDeviation(
+        settle_steps=0, every_n_steps=1000, probe_size=8, window=k, window_every_n_steps=k
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         log = fit_quadratic(cb, evals, lr, 2 * k)
@@ -82,7 +84,7 @@ def test_defaults_resolve_negative_curvature_and_small_deviations(
 
 
 def test_max_substeps_warns_once_and_skips_the_windows() -> None:
-    cb = GradientFlowDeviation(every_n_steps=1000, probe_size=8, window=5, window_every_n_steps=5,
+    cb = GradientFlowDeviation(settle_steps=0, every_n_steps=1000, probe_size=8, window=5, window_every_n_steps=5,
                                max_substeps=2)  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -109,7 +109,7 @@ class _TrainModeProbe(MeasurementCallback):
 def test_callback_equals_the_plain_loop(batch_size: int, accumulate: int) -> None:
     cb = KFAC(**HYPER)
     probe = _TrainModeProbe(every_n_steps=1, probe_size=8, probe_batch_size=8)
-    sharp = Sharpness(every_n_steps=2, probe_size=8, max_iter=5)
+    sharp = Sharpness(settle_steps=0, every_n_steps=2, probe_size=8, max_iter=5)
     model = _Net()
     trainer = _trainer(
         [cb, probe, sharp], accumulate_grad_batches=accumulate, val_check_interval=2 * accumulate
@@ -145,7 +145,9 @@ def test_sharpness_reports_the_kfac_preconditioned_sharpness() -> None:
     logger = RecordingLogger()
     cb = KFAC(**HYPER)
     n = 8 * 3 + 3 + 5 * 8 + 8  # parameters
-    sharp = Sharpness(every_n_steps=5, probe_size=16, probe_batch_size=8, tol=1e-10, max_iter=n)
+    sharp = Sharpness(
+        settle_steps=0, every_n_steps=5, probe_size=16, probe_batch_size=8, tol=1e-10, max_iter=n
+    )
     model = _Net()
     _trainer([cb, sharp], logger=logger, max_steps=5).fit(model, _loader(8))
     pre = cb.preconditioner
@@ -311,7 +313,9 @@ def test_sharpness_with_bias_free_layers_equals_the_dense_reference() -> None:
     cb = KFAC(**HYPER)
     model = _BiasFree()
     n = sum(p.numel() for p in model.parameters())
-    sharp = Sharpness(every_n_steps=5, probe_size=16, probe_batch_size=8, tol=1e-10, max_iter=n)
+    sharp = Sharpness(
+        settle_steps=0, every_n_steps=5, probe_size=16, probe_batch_size=8, tol=1e-10, max_iter=n
+    )
     loader = DataLoader(data, batch_size=8, shuffle=False)
     _trainer([cb, sharp], logger=logger, max_steps=5).fit(model, loader)
     pre = cb.preconditioner
@@ -351,7 +355,9 @@ def test_kfac_sharpness_adds_the_decay_after_preconditioning() -> None:
     cb = KFAC(**HYPER)
     model = _BiasFreeDecay()
     n = sum(p.numel() for p in model.parameters())
-    sharp = Sharpness(every_n_steps=5, probe_size=16, probe_batch_size=8, tol=1e-10, max_iter=n)
+    sharp = Sharpness(
+        settle_steps=0, every_n_steps=5, probe_size=16, probe_batch_size=8, tol=1e-10, max_iter=n
+    )
     loader = DataLoader(data, batch_size=8, shuffle=False)
     _trainer([cb, sharp], logger=logger, max_steps=5).fit(model, loader)
     pre = cb.preconditioner

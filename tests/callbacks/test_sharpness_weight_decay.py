@@ -38,7 +38,7 @@ def _fit(make: Callable[[Net], torch.optim.Optimizer], steps: int) -> tuple[Any,
 
     pl.seed_everything(0, verbose=False)
     log = RecordingLogger()
-    cb = Sharpness(every_n_steps=steps, probe_size=40, tol=1e-7, max_iter=120)
+    cb = Sharpness(every_n_steps=steps, probe_size=40, tol=1e-7, max_iter=120, settle_steps=0)
     model = DecayNet(make)
     t = trainer([cb], logger=log, max_steps=steps)
     t.fit(model, loader())

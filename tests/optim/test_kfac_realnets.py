@@ -278,7 +278,9 @@ def test_resnet_with_kfac_and_sharpness_is_finite_without_observer_effect() -> N
     runs = []
     for measured in (True, False):
         logger, kfac, model = RecordingLogger(), KFAC(**hyper), _ResNet()
-        sharp = [Sharpness(every_n_steps=2, probe_size=8, probe_batch_size=4, max_iter=6)]
+        sharp = [
+            Sharpness(every_n_steps=2, probe_size=8, probe_batch_size=4, max_iter=6, settle_steps=0)
+        ]
         _fit(model, loader, [kfac, *sharp[:measured]], logger=logger, **kw)
         pre = kfac.preconditioner
         assert pre is not None and pre.steps == 4 and not pre.skipped
@@ -373,7 +375,7 @@ def test_gpt_with_a_tied_head_leaves_the_tied_parameter_to_sgd() -> None:
     loader = DataLoader(TensorDataset(torch.randint(0, 11, (24, 7), generator=gen)), batch_size=6)
     logger, updates, model = RecordingLogger(), _Updates(), _GPT()
     kfac = KFAC(damping=1e-2, factor_update_every=1, inverse_update_every=1, kl_clip=1e-2)
-    sharp = Sharpness(every_n_steps=2, probe_size=6, probe_batch_size=6, max_iter=6)
+    sharp = Sharpness(every_n_steps=2, probe_size=6, probe_batch_size=6, max_iter=6, settle_steps=0)
     with warnings.catch_warnings(record=True) as caught, sdpa_kernel(SDPBackend.MATH):
         warnings.simplefilter("always")
         _fit(model, loader, [updates, kfac, sharp], logger=logger, max_steps=4)
