@@ -16,6 +16,16 @@ double-backward HVP it reuses) in two ways that matter for correct numbers:
 A non-finite loss, gradient or product raises :class:`NonFiniteError` *after* the reduction, so
 all ranks see the same value and skip together instead of deadlocking.
 
+**Memory of graph reuse.** With ``reuse_graph=True`` every probe batch's first-order gradient
+graph stays alive, i.e. the activations of the whole probe. While building the first batch's
+graph the operator counts the bytes of the tensors autograd saves (public
+``torch.autograd.graph.saved_tensors_hooks``; each storage once, parameters, buffers and the
+batch's own tensors left out), scales them to the whole probe by sample count and adds one
+gradient per batch: :attr:`ProbeHessian.graph_bytes`. Above ``graph_memory_budget`` it does
+not keep graphs and computes each product batch by batch (same numbers, more time), and so it
+does when building the graphs runs out of memory. Each rank decides on its own; the
+collectives do not change, so ranks that decide differently still agree.
+
 Example::
 
     >>> import torch
@@ -32,17 +42,23 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._compat import CurvatureOperator, HessianOperator
-from .probe import Probe
+from ._compat import HessianOperator
+from .preconditioned import MatrixPreconditionedOperator, PreconditionedOperator
+from .probe import Probe, batch_tensors
 
 __all__ = [
+    "CPU_GRAPH_BUDGET",
+    "CUDA_GRAPH_FRACTION",
+    "GraphBudget",
     "HvpMethod",
     "LossFn",
     "MatrixPreconditionedOperator",
@@ -55,6 +71,12 @@ __all__ = [
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 HvpMethod = Literal["reverse_over_reverse", "forward_over_reverse"]
+GraphBudget = int | float | Literal["auto"] | None
+
+CPU_GRAPH_BUDGET = 2 * 2**30
+"""``graph_memory_budget="auto"`` off CUDA: 2 GiB of kept graphs."""
+CUDA_GRAPH_FRACTION = 0.25
+"""``graph_memory_budget="auto"`` on CUDA: this share of the memory free for tensors."""
 
 
 class NonFiniteError(ArithmeticError):
@@ -79,6 +101,47 @@ def _world(process_group: dist.ProcessGroup | None) -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(group=process_group)
     return 1
+
+
+def _storage(t: torch.Tensor) -> tuple[Any, int]:
+    """A key naming ``t``'s storage and the storage's size in bytes."""
+    try:
+        storage = t.untyped_storage()
+        return (t.device, storage.data_ptr()), storage.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):  # no plain storage (subclasses)
+        return id(t), t.numel() * t.element_size()
+
+
+class _SavedBytes:
+    """Counts the bytes of the storages autograd saves, each once, leaving ``known`` out."""
+
+    def __init__(self, known: Iterable[torch.Tensor]) -> None:
+        self.seen = {_storage(t)[0] for t in known}
+        self.bytes = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key, nbytes = _storage(t)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.bytes += nbytes
+        return t.detach()  # not `t`: that would be a reference cycle (see the hooks' doc)
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def _check_budget(budget: object) -> GraphBudget:
+    if budget is None or (isinstance(budget, str) and budget == "auto"):
+        return "auto" if budget is not None else None
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not float(budget) >= 0:
+        raise ValueError(
+            f"`graph_memory_budget` must be 'auto', None or a number of bytes >= 0, got {budget!r}"
+        )
+    return float(budget)
 
 
 class _LossModule(nn.Module):
@@ -110,7 +173,18 @@ class ProbeHessian(HessianOperator):
             (:meth:`set_vector` or :meth:`release`). Each product then costs one
             double-backward pass instead of forward + backward + double backward, at the price
             of keeping the probe's activations alive for the operator's lifetime.
+        graph_memory_budget: most bytes the kept graphs may take (their estimate
+            :attr:`graph_bytes`, see the module doc); above it the operator does not keep
+            graphs (:attr:`reuse_graph` turns ``False``). ``"auto"``: on CUDA
+            :data:`CUDA_GRAPH_FRACTION` of the memory free for tensors when the graphs are
+            built (the driver's free memory plus what PyTorch's allocator holds unused),
+            elsewhere :data:`CPU_GRAPH_BUDGET`; ``None``: unlimited.
         process_group: group to reduce over when ``torch.distributed`` is initialised.
+
+    Attributes:
+        reuse_graph: whether products reuse kept graphs (``False`` after a fall-back).
+        graph_bytes: the estimate of the kept graphs' size, ``None`` until first estimated.
+        graph_fallback: why reuse was turned off (``None`` while it is on or never asked).
     """
 
     def __init__(
@@ -122,8 +196,10 @@ class ProbeHessian(HessianOperator):
         params: Sequence[str] | None = None,
         method: HvpMethod = "reverse_over_reverse",
         reuse_graph: bool = True,
+        graph_memory_budget: GraphBudget = "auto",
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
+        self.graph_memory_budget = _check_budget(graph_memory_budget)
         if method not in ("reverse_over_reverse", "forward_over_reverse"):
             raise ValueError(
                 f"`method` must be 'reverse_over_reverse' or 'forward_over_reverse', got {method!r}"
@@ -146,6 +222,8 @@ class ProbeHessian(HessianOperator):
         self.hvp_method: HvpMethod = method
         self.reuse_graph = bool(reuse_graph) and method == "reverse_over_reverse"
         self._graphs: list[tuple[torch.Tensor, ...]] | None = None
+        self.graph_bytes: int | None = None
+        self.graph_fallback: str | None = None
         self.process_group = process_group
         self.world_size = _world(process_group)
         count = torch.tensor(float(probe.num_samples), dtype=torch.float64, device=self.device)
@@ -169,9 +247,9 @@ class ProbeHessian(HessianOperator):
     def _matvec_full(self, v: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(v)
         v_split = self._split(v)
-        if self.reuse_graph:
-            if self._graphs is None:
-                self._graphs = [self._gradient_graph(batch) for batch in self.probe.batches]
+        if self.reuse_graph and self._graphs is None:
+            self._graphs = self._build_graphs()
+        if self.reuse_graph and self._graphs is not None:
             for grads, n in zip(self._graphs, self.probe.sizes):
                 total.add_(self._second_backward(grads, v_split, retain=True), alpha=n)
         else:
@@ -183,6 +261,52 @@ class ProbeHessian(HessianOperator):
     def release(self) -> None:
         """Drop the cached gradient graphs (they are rebuilt on the next product)."""
         self._graphs = None
+
+    def _budget_bytes(self) -> float:
+        budget = self.graph_memory_budget
+        if budget is None:
+            return math.inf
+        if budget != "auto":
+            return float(budget)
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            cached = torch.cuda.memory_reserved(self.device)
+            cached -= torch.cuda.memory_allocated(self.device)
+            return CUDA_GRAPH_FRACTION * (free + cached)
+        return float(CPU_GRAPH_BUDGET)
+
+    def _fall_back(self, why: str) -> None:
+        self.reuse_graph = False
+        self.graph_fallback = why
+
+    def _build_graphs(self) -> list[tuple[torch.Tensor, ...]] | None:
+        """Every probe batch's first-order graph, or ``None`` (and no reuse) if they don't fit."""
+        budget = self._budget_bytes()
+        batches = self.probe.batches
+        known = [*self.model.parameters(), *self.model.buffers(), *batch_tensors(batches[0])]
+        counter = _SavedBytes(known)
+        ran_out = False
+        try:
+            with counter.hooks():
+                graphs = [self._gradient_graph(batches[0])]
+            per_batch = sum(g.numel() * g.element_size() for g in graphs[0])
+            scale = self.probe.num_samples / self.probe.sizes[0]
+            self.graph_bytes = int(counter.bytes * scale) + per_batch * len(batches)
+            if self.graph_bytes > budget:
+                graphs.clear()
+                self._fall_back(
+                    f"kept graphs would take ~{self.graph_bytes} bytes, over the budget of "
+                    f"{int(budget)} (graph_memory_budget={self.graph_memory_budget!r})"
+                )
+                return None
+            graphs.extend(self._gradient_graph(batch) for batch in batches[1:])
+        except torch.cuda.OutOfMemoryError:
+            ran_out = True  # leave the handler first: its traceback holds the partial graphs
+        if ran_out:
+            graphs = []
+            self._fall_back("out of memory while building the graphs")
+            return None
+        return graphs
 
     def _gradient_graph(self, batch: Any) -> tuple[torch.Tensor, ...]:
         loss = self.loss_fn(self.model, batch)
@@ -267,85 +391,3 @@ class ProbeHessian(HessianOperator):
         with torch.no_grad():
             for p, value in zip(self._param_list, unflatten(vector, self._param_list)):
                 p.copy_(value)
-
-
-class PreconditionedOperator(CurvatureOperator):
-    """``u ↦ P^{-1/2} H P^{-1/2} u`` for a positive diagonal preconditioner ``P``.
-
-    Its eigenvalues are those of ``P^{-1} H`` (the operator is symmetric, so Lanczos applies).
-    Entries of ``P`` equal to ``+inf`` (parameters the optimizer never moves) give zero rows.
-
-    Args:
-        operator: the Hessian operator ``H``.
-        diagonal: ``P`` as a flat vector in the operator's parameter order.
-    """
-
-    def __init__(self, operator: CurvatureOperator, diagonal: torch.Tensor) -> None:
-        if diagonal.shape != (operator.size,):
-            raise ValueError(
-                f"`diagonal` must have shape ({operator.size},), got {tuple(diagonal.shape)}"
-            )
-        if bool((diagonal <= 0).any()) or bool(torch.isnan(diagonal).any()):
-            raise ValueError("`diagonal` must be positive (a diagonal preconditioner)")
-        self.operator = operator
-        self.scale = diagonal.to(device=operator.device, dtype=operator.dtype).rsqrt()
-
-    @property
-    def size(self) -> int:
-        return self.operator.size
-
-    @property
-    def device(self) -> torch.device:
-        return self.operator.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.operator.dtype
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.operator.matvec(self.scale * v)
-
-
-class MatrixPreconditionedOperator(CurvatureOperator):
-    """``u ↦ S H S u`` with ``S = P^{-1/2}`` of a symmetric positive definite ``P`` (any matrix).
-
-    The non-diagonal counterpart of :class:`PreconditionedOperator` (K-FAC's Kronecker blocks):
-    its eigenvalues are those of ``P^{-1} H``. ``S`` comes as a function on flat vectors and
-    must be linear and symmetric (not checked).
-
-    Args:
-        operator: the Hessian operator ``H``.
-        inverse_sqrt: ``v ↦ P^{-1/2} v`` on flat vectors in the operator's parameter order.
-    """
-
-    def __init__(
-        self, operator: CurvatureOperator, inverse_sqrt: Callable[[torch.Tensor], torch.Tensor]
-    ) -> None:
-        if not callable(inverse_sqrt):
-            raise ValueError(f"`inverse_sqrt` must be callable, got {inverse_sqrt!r}")
-        self.operator = operator
-        self.inverse_sqrt = inverse_sqrt
-
-    @property
-    def size(self) -> int:
-        return self.operator.size
-
-    @property
-    def device(self) -> torch.device:
-        return self.operator.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.operator.dtype
-
-    def _apply(self, v: torch.Tensor) -> torch.Tensor:
-        out = self.inverse_sqrt(v)
-        if out.shape != v.shape:
-            raise ValueError(
-                f"`inverse_sqrt` must return a vector of shape {tuple(v.shape)}, "
-                f"got {tuple(out.shape)}"
-            )
-        return out.to(device=self.device, dtype=self.dtype)
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self._apply(self.operator.matvec(self._apply(v)))
