@@ -9,7 +9,9 @@ Usage::
     python -m lightning_landscape ...                    # the same
 
 ``--recipe NAME`` is shorthand for ``--config <path of NAME.yaml>``; options after it override
-the recipe, as with ``--config``.
+the recipe, as with ``--config``. ``--threads N``: ``torch.set_num_threads(N)`` (default 1 unless
+``OMP_NUM_THREADS`` is set; "recipe options" in ``fit --help``). ``fit`` ends by printing the log
+folder and the ``tensorboard`` command to view it; Lightning's "💡 Tip" lines are dropped.
 
 A config may hold a top-level ``variants:`` mapping ``{name: overrides}``: the command then runs
 once per variant, one after another, each with the rest of the config deep-merged with that
@@ -33,47 +35,59 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.resources
+import logging
 import os
+import shlex
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
 import lightning_landscape.zoo  # noqa: F401  (registers the zoo's classes for short names)
 
 __all__ = [
     "LandscapeCLI",
     "available_recipes",
+    "default_threads",
     "entry",
     "main",
     "merge_config",
     "recipe_description",
     "recipe_path",
+    "silence_tips",
     "variant_configs",
 ]
 
 PROG = "lightning-landscape"
 _DESCRIPTION_PREFIX = "# description:"
+_USAGE = (
+    "%(prog)s [-h] [--recipe NAME | --config FILE] [--variant NAME] [--threads N]\n"
+    "       [--trainer.* ...] [--model.* ...] [--data.* ...] [--optimizer ...] [...]"
+)
+_FIT_DESCRIPTION = (
+    "Runs the full optimization routine of a bundled recipe (--recipe NAME; list them with "
+    f"`{PROG} recipes`) or of your own config (--config FILE). Options after it override it: "
+    "--trainer.*, --model.*, --data.*, --optimizer, ... (below)."
+)
 
 
 def _recipe_dirs() -> list[Path]:
     """Folders searched for recipes: the installed package's first, then the source tree's."""
-    dirs: list[Path] = []
     packaged = importlib.resources.files("lightning_landscape") / "recipes"
-    if isinstance(packaged, os.PathLike) and packaged.is_dir():
-        dirs.append(Path(os.fspath(packaged)))
     source = Path(__file__).resolve().parent.parent / "recipes"
-    if source.is_dir():
-        dirs.append(source)
-    return dirs
+    found = [packaged] if isinstance(packaged, os.PathLike) and packaged.is_dir() else []
+    return [Path(os.fspath(p)) for p in found] + ([source] if source.is_dir() else [])
 
 
 def available_recipes() -> dict[str, Path]:
@@ -112,35 +126,15 @@ def recipe_path(name: str) -> Path:
 
 def _format_recipes() -> str:
     recipes = available_recipes()
-    if not recipes:
-        return "no recipes found"
-    width = max(len(name) for name in recipes)
-    lines = [
-        f"{name:<{width}}  {recipe_description(path)}".rstrip() for name, path in recipes.items()
-    ]
-    return "\n".join(lines)
+    width = max(map(len, recipes), default=0)
+    lines = [f"{name:<{width}}  {recipe_description(p)}".rstrip() for name, p in recipes.items()]
+    return "\n".join(lines) or "no recipes found"
 
 
 def _expand_recipe(args: list[str]) -> list[str]:
     """Replace every ``--recipe NAME`` / ``--recipe=NAME`` by ``--config <path>``."""
-    out: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--recipe" or arg.startswith("--recipe="):
-            if arg == "--recipe":
-                if i + 1 >= len(args) or args[i + 1].startswith("-"):
-                    raise ValueError("`--recipe` needs a name, e.g. `--recipe quickstart`")
-                name = args[i + 1]
-                i += 2
-            else:
-                name = arg.split("=", 1)[1]
-                i += 1
-            out += ["--config", str(recipe_path(name))]
-        else:
-            out.append(arg)
-            i += 1
-    return out
+    expand = lambda name: ["--config", str(recipe_path(name))]  # noqa: E731
+    return _pop_option(args, "--recipe", "a name, e.g. `--recipe quickstart`", expand)[0]
 
 
 def merge_config(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -187,9 +181,8 @@ def variant_configs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             )
         merged = merge_config(base, override)
         logger = merged.get("trainer", {}).get("logger")
-        if isinstance(logger, dict) and str(logger.get("class_path", "")).endswith(
-            "TensorBoardLogger"
-        ):
+        path = str(logger.get("class_path", "")) if isinstance(logger, dict) else ""
+        if path.endswith("TensorBoardLogger"):
             init = logger.setdefault("init_args", {})
             if "version" not in init:
                 init["name"] = f"{init.get('name', 'lightning_logs')}/{name}"
@@ -197,25 +190,87 @@ def variant_configs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _pop_variants(args: list[str]) -> tuple[list[str], list[str]]:
-    """Split ``--variant NAME`` / ``--variant=NAME`` off ``args``."""
+def _pop_option(
+    args: list[str], option: str, example: str, expand: Callable[[str], list[str]] | None = None
+) -> tuple[list[str], list[str]]:
+    """Split every ``option VALUE`` / ``option=VALUE`` off ``args``: (the rest, the values).
+    With ``expand``, ``expand(VALUE)`` (a list of arguments) takes the option's place."""
     rest: list[str] = []
-    chosen: list[str] = []
+    values: list[str] = []
     i = 0
     while i < len(args):
-        arg = args[i]
-        if arg == "--variant":
-            if i + 1 >= len(args) or args[i + 1].startswith("-"):
-                raise ValueError("`--variant` needs a name, e.g. `--variant batchnorm`")
-            chosen.append(args[i + 1])
-            i += 2
-        elif arg.startswith("--variant="):
-            chosen.append(arg.split("=", 1)[1])
-            i += 1
+        if (arg := args[i]) == option and (i + 1 >= len(args) or args[i + 1].startswith("-")):
+            raise ValueError(f"`{option}` needs {example}")
+        if arg == option or arg.startswith(option + "="):
+            values.append(args[i + 1] if arg == option else arg.split("=", 1)[1])
+            rest += expand(values[-1]) if expand else []
+            i += 2 if arg == option else 1
         else:
             rest.append(arg)
             i += 1
-    return rest, chosen
+    return rest, values
+
+
+def _pop_threads(args: list[str]) -> tuple[list[str], int | None]:
+    """Split ``--threads N`` / ``--threads=N`` off ``args`` (the last one wins)."""
+    rest, values = _pop_option(args, "--threads", "a number, e.g. `--threads 2`")
+    if bad := [v for v in values if not v.isdigit() or int(v) < 1]:
+        raise ValueError(f"`--threads` must be a positive integer, got {bad[0]!r}")
+    return rest, int(values[-1]) if values else None
+
+
+def default_threads(threads: int | None, environ: Mapping[str, str] = os.environ) -> int | None:
+    """Threads for a run: ``threads``, else 1 unless ``OMP_NUM_THREADS`` is set (``None``).
+
+    Example::
+
+        >>> default_threads(None, {}), default_threads(None, {"OMP_NUM_THREADS": "4"})
+        (1, None)
+    """
+    return threads if threads is not None else None if environ.get("OMP_NUM_THREADS") else 1
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising records ("💡 Tip: ... litlogger / litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip" not in record.getMessage()
+
+
+_NO_TIPS = _NoTips()
+
+
+def silence_tips() -> None:
+    """Filter "💡 Tip" records out of Lightning's loggers (idempotent). ``rank_zero_info`` logs
+    on its own module's logger, whose records skip the parent logger's filters: both get it."""
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
+        if _NO_TIPS not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_NO_TIPS)
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the working folder if it lies inside it, else absolute; quoted."""
+    full, here = os.path.abspath(path), os.getcwd()
+    return shlex.quote(os.path.relpath(full) if os.path.commonpath([full, here]) == here else full)
+
+
+def _report(results: list[LightningCLI]) -> None:
+    """Print where the runs logged and the ``tensorboard`` command that shows them (rank 0)."""
+    trainers = [t for r in results if (t := getattr(r, "trainer", None)) and t.is_global_zero]
+    if folders := [t.log_dir for t in trainers if t.log_dir]:
+        print(f"{PROG}: logs in {', '.join(map(_shown, folders))}")
+    loggers = [lg for t in trainers for lg in t.loggers if isinstance(lg, TensorBoardLogger)]
+    if roots := [os.path.abspath(lg.save_dir) for lg in loggers if lg.save_dir]:
+        command = f"tensorboard --logdir {_shown(os.path.commonpath(roots))}"
+        print(f'{PROG}: see them with\n    {command}\n  and open the "Landscape" tab.')
+
+
+#: Options :func:`main` reads before LightningCLI parses: (metavar, help), listed by ``--help``.
+_RECIPE_OPTIONS = {
+    "--recipe": ("NAME", f"Run a bundled recipe (`{PROG} recipes`): --config <its yaml>."),
+    "--variant": ("NAME", "Run only this variant of a config's `variants:` (repeatable)."),
+    "--threads": ("N", "torch.set_num_threads(N). Default: 1, unless OMP_NUM_THREADS is set."),
+}
 
 
 def _variant_runs(args: list[str], chosen: list[str], folder: str) -> list[tuple[str, list[str]]]:
@@ -259,6 +314,15 @@ class LandscapeCLI(LightningCLI):
     what the option is for).
     """
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser plus a "recipe options" group (what :func:`main` reads before
+        parsing: they are listed for ``--help`` and never reach the parsed config)."""
+        parser = super().init_parser(**kwargs)
+        group = parser.add_argument_group(f"recipe options (read by {PROG} before the rest)")
+        for option, (metavar, text) in _RECIPE_OPTIONS.items():
+            group.add_argument(option, metavar=metavar, default=argparse.SUPPRESS, help=text)
+        return parser
+
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         """Lightning's own method, minus its 'will be overridden' warning (that is the point)."""
         with warnings.catch_warnings():
@@ -285,27 +349,34 @@ def main(argv: Sequence[str] | None = None) -> LightningCLI | None:
             f"{PROG} recipes                 list the bundled recipes\n"
             f"{PROG} fit --recipe NAME [...]  run a recipe (shorthand for --config <its yaml>)\n"
         )
+    silence_tips()
     with tempfile.TemporaryDirectory(prefix="lightning_landscape_") as folder:
         try:
-            args, chosen = _pop_variants(_expand_recipe(args))
+            args, threads = _pop_threads(args)
+            args, chosen = _pop_option(_expand_recipe(args), "--variant", "a variant's name")
             runs = _variant_runs(args, chosen, folder)
         except ValueError as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
-        result: LightningCLI | None = None
-        for name, run_args in runs:
-            if name and len(runs) > 1:
-                print(f"{PROG}: variant {name!r}", file=sys.stderr)
-            result = _run_cli(run_args, from_argv=argv is None)
-        return result
+        previous = torch.get_num_threads()
+        torch.set_num_threads(default_threads(threads) or previous)
+        results: list[LightningCLI] = []
+        try:
+            for name, run_args in runs:
+                if name and len(runs) > 1:
+                    print(f"{PROG}: variant {name!r}", file=sys.stderr)
+                results.append(_run_cli(run_args, from_argv=argv is None))
+        finally:
+            torch.set_num_threads(previous)
+        if any(getattr(r, "subcommand", None) == "fit" for r in results):
+            _report(results)
+        return results[-1] if results else None
 
 
 def entry() -> None:
-    """The console script ``lightning-landscape`` (and ``python -m lightning_landscape``).
-
-    Runs :func:`main` on ``sys.argv`` and returns nothing, so the process exits with status 0
-    (``sys.exit`` of the returned CLI object would print it and exit with status 1).
-    """
+    """The console script ``lightning-landscape`` (and ``python -m lightning_landscape``): runs
+    :func:`main` on ``sys.argv`` and returns nothing, so the process exits with status 0
+    (``sys.exit`` of the returned CLI object would print it and exit with status 1)."""
     main()
 
 
@@ -320,6 +391,10 @@ def _run_cli(args: list[str], *, from_argv: bool) -> LightningCLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
-        parser_kwargs={"prog": PROG},
+        parser_kwargs={
+            "prog": PROG,
+            **{name: {"usage": _USAGE} for name in LightningCLI.subcommands()},
+            "fit": {"usage": _USAGE, "description": _FIT_DESCRIPTION},
+        },
         args=None if from_argv else args,
     )

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import sys
 import weakref
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,7 @@ __all__ = [
     "density_figure",
     "layout_dict",
     "layout_proto",
+    "log_data",
     "log_figure",
     "new_figure",
     "profile_figure",
@@ -259,4 +261,24 @@ def log_figure(trainer: Any, tag: str, figure: Figure, step: int) -> bool:
         _close(figure)
         return False
     writer.add_figure(tag, figure, global_step=int(step), close=True)
+    return True
+
+
+def log_data(trainer: Any, tag: str, payload: Mapping[str, Any], step: int) -> bool:
+    """Send a JSON-serialisable ``payload`` to the trainer's TensorBoard run as a text summary.
+
+    The text is ``json.dumps(payload)``, written with ``add_text(tag, text, global_step=step)``
+    (TensorBoard's text plugin; it lands under ``tag + "/text_summary"``). The "Landscape" tab
+    reads it back, e.g. ``landscape/<name>/density_data`` = ``{"grid": [...], "density": [...]}``.
+    Returns ``True`` if written, ``False`` if skipped (``trainer`` is ``None``, not rank 0, or
+    has no TensorBoardLogger).
+
+    Raises:
+        TypeError: If ``payload`` is not JSON-serialisable (checked before skipping).
+    """
+    text = json.dumps(dict(payload))
+    writer = _writer(trainer)
+    if writer is None:
+        return False
+    writer.add_text(tag, text, global_step=int(step))
     return True

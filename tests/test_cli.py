@@ -274,3 +274,81 @@ def test_console_script_exits_zero_after_a_run(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "LandscapeCLI object" not in result.stderr
+    # the end of `fit` says where the logs are and how to see them; no Lightning advertising
+    assert "💡" not in result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()[-4:]
+    assert lines == [
+        "lightning-landscape: logs in quickstart/version_0",
+        "lightning-landscape: see them with",
+        "    tensorboard --logdir .",
+        '  and open the "Landscape" tab.',
+    ], result.stdout[-1000:]
+
+
+def test_fit_help_starts_with_the_recipe_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    usage = out.split("\n\n", 1)[0]
+    assert usage.startswith("usage: lightning-landscape") and "--recipe NAME" in usage
+    assert len(usage.splitlines()) <= 3  # not Lightning's 50 lines of every trainer flag
+    group = out.index("recipe options")
+    assert out.index("Runs the full optimization routine") < group
+    assert group < out.index("\n  --trainer.accelerator") < out.index("\n  --model")
+    section = out[group : out.index("\n\n", group)]
+    for option in ("--recipe NAME", "--variant NAME", "--threads N"):
+        assert option in section, section
+
+
+def test_threads_default_to_one_unless_omp_num_threads_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[int] = []
+    monkeypatch.setattr(
+        cli, "_run_cli", lambda args, from_argv: seen.append(torch.get_num_threads())
+    )
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    main(["fit", "--trainer.max_steps=1"])
+    main(["fit", "--threads", "3"])
+    main(["fit", "--threads=2", "--trainer.max_steps=1"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    main(["fit"])  # OMP_NUM_THREADS set: torch's own choice is left alone
+    main(["fit", "--threads", "3"])  # ... unless --threads says otherwise
+    assert seen == [1, 3, 2, before, 3]
+    assert torch.get_num_threads() == before  # restored after the run
+    assert (
+        cli.default_threads(None, {}) == 1
+        and cli.default_threads(None, {"OMP_NUM_THREADS": "2"}) is None
+    )
+
+
+@pytest.mark.parametrize("args", [["--threads", "0"], ["--threads=two"], ["--threads"]])
+def test_threads_must_be_a_positive_integer(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *args])
+    assert exc.value.code == 2
+    assert "`--threads`" in capsys.readouterr().err
+
+
+def test_lightning_tips_are_silenced() -> None:
+    import logging
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(handler)
+    try:
+        cli.silence_tips()
+        cli.silence_tips()  # idempotent
+        rank_zero_info("💡 Tip: try installing something")
+        rank_zero_info("a real message")
+    finally:
+        logger.removeHandler(handler)
+    assert records == ["a real message"]

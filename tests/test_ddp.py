@@ -330,7 +330,10 @@ def test_callbacks_log_the_union(world: int, tmp_path: Path) -> None:
 @pytest.mark.parametrize("world", WORLDS)
 def test_time_budget_cadence_agrees_across_ranks(world: int, tmp_path: Path) -> None:
     """Budget decisions read rank-local clocks; rank 0's are broadcast, so no rank hangs."""
-    callbacks = [Sharpness(), HessianEigenvalues(k=2, max_overhead=0.5, probe_size=PROBE)]
+    callbacks = [
+        Sharpness(probe_size=N_DATA),
+        HessianEigenvalues(k=2, max_overhead=0.5, probe_size=PROBE),
+    ]
     _, logged = _fit(world, tmp_path, callbacks, max_steps=12, batch_size=2)
     measured = _same_on_every_rank(logged)
     assert "landscape/sharpness/lambda_max" in measured[0]
@@ -360,12 +363,77 @@ def test_nan_on_one_rank_skips_on_every_rank(world: int, tmp_path: Path) -> None
     measured = _same_on_every_rank(logged)
     for family in ("sharpness", "hessian"):
         skipped = {s: m.get(f"landscape/{family}/skipped") for s, m in measured.items()}
-        assert skipped == {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}, family
+        # three in a row with one cause: every rank stops measuring together after step 2
+        assert skipped == {0: 1.0, 1: 2.0, 2: 3.0}, family
     assert all(len(m) == 2 for m in measured.values())  # nothing but the two skip counters
     for r in range(world):  # training went on, with finite losses on every rank
         losses = [m["train_loss"] for m in logged[r].values() if "train_loss" in m]
         assert len(losses) == 3 and all(v == v for v in losses)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class _FailsOnRank1(_Module):
+    """Raises inside measurements (eval mode) on rank 1 only, from step ``at`` on."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if not self.training and self.global_rank == 1 and self.trainer.global_step >= self.at:
+            raise RuntimeError("injected failure in the local HVP of rank 1")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_exception_on_one_rank_skips_on_every_rank_without_hanging(
+    world: int, tmp_path: Path
+) -> None:
+    """An exception inside rank 1's local products: the other ranks learn of it through the
+    products' own reduction (no rank waits in a collective), every rank skips together, the
+    measurement resumes when the failure stops, and training goes on."""
+    callbacks = [
+        Sharpness(every_n_steps=1, probe_size=N_DATA),
+        HessianEigenvalues(k=2, every_n_steps=1, probe_size=N_DATA),
+    ]
+    model = _FailsOnRank1(at=2)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=DDPStrategy(start_method=START, timeout=datetime.timedelta(seconds=TIMEOUT)),
+        max_steps=4,
+        callbacks=callbacks,
+        logger=_FileLogger(str(tmp_path)),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = DataLoader(_dataset(), batch_size=2, shuffle=False)
+    with deadline(TIMEOUT) as fired:
+        try:
+            trainer.fit(model, loader)
+        except Exception:
+            if fired.is_set():
+                pytest.fail(f"DDP with {world} ranks did not finish within {TIMEOUT} s (deadlock?)")
+            raise
+    logged: Logged = {}
+    for r in range(world):
+        logged[r] = {}
+        for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            logged[r].setdefault(record["step"], {}).update(record["metrics"])
+    measured = _same_on_every_rank(logged)
+    for family in ("sharpness", "hessian"):
+        skipped = {s: m[f"landscape/{family}/skipped"] for s, m in measured.items() if
+                   f"landscape/{family}/skipped" in m}  # fmt: skip
+        assert skipped == {2: 1.0, 3: 2.0, 4: 3.0}, family
+        values = [s for s, m in measured.items() if f"landscape/{family}/eig_1" in m
+                  or f"landscape/{family}/lambda_max" in m]  # fmt: skip
+        assert values == [0, 1], family
+    for r in range(world):
+        losses = [m["train_loss"] for m in logged[r].values() if "train_loss" in m]
+        assert len(losses) == 4 and all(v == v for v in losses)
 
 
 @pytest.mark.parametrize("world", WORLDS)

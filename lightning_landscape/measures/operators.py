@@ -43,8 +43,7 @@ Example::
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -52,8 +51,16 @@ import torch.distributed as dist
 from torch import nn
 
 from ._compat import HessianOperator
+from .graph_budget import (
+    CPU_GRAPH_BUDGET,
+    CUDA_GRAPH_FRACTION,
+    GraphBudget,
+    SavedBytes,
+    check_budget,
+)
 from .preconditioned import MatrixPreconditionedOperator, PreconditionedOperator
 from .probe import Probe, batch_tensors
+from .reduction import PeerFailure, reduce_sum
 
 __all__ = [
     "CPU_GRAPH_BUDGET",
@@ -63,6 +70,7 @@ __all__ = [
     "LossFn",
     "MatrixPreconditionedOperator",
     "NonFiniteError",
+    "PeerFailure",
     "PreconditionedOperator",
     "ProbeHessian",
     "flatten",
@@ -71,12 +79,6 @@ __all__ = [
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 HvpMethod = Literal["reverse_over_reverse", "forward_over_reverse"]
-GraphBudget = int | float | Literal["auto"] | None
-
-CPU_GRAPH_BUDGET = 2 * 2**30
-"""``graph_memory_budget="auto"`` off CUDA: 2 GiB of kept graphs."""
-CUDA_GRAPH_FRACTION = 0.25
-"""``graph_memory_budget="auto"`` on CUDA: this share of the memory free for tensors."""
 
 
 class NonFiniteError(ArithmeticError):
@@ -101,47 +103,6 @@ def _world(process_group: dist.ProcessGroup | None) -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(group=process_group)
     return 1
-
-
-def _storage(t: torch.Tensor) -> tuple[Any, int]:
-    """A key naming ``t``'s storage and the storage's size in bytes."""
-    try:
-        storage = t.untyped_storage()
-        return (t.device, storage.data_ptr()), storage.nbytes()
-    except (RuntimeError, NotImplementedError, TypeError):  # no plain storage (subclasses)
-        return id(t), t.numel() * t.element_size()
-
-
-class _SavedBytes:
-    """Counts the bytes of the storages autograd saves, each once, leaving ``known`` out."""
-
-    def __init__(self, known: Iterable[torch.Tensor]) -> None:
-        self.seen = {_storage(t)[0] for t in known}
-        self.bytes = 0
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        key, nbytes = _storage(t)
-        if key not in self.seen:
-            self.seen.add(key)
-            self.bytes += nbytes
-        return t.detach()  # not `t`: that would be a reference cycle (see the hooks' doc)
-
-    @staticmethod
-    def unpack(t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-
-def _check_budget(budget: object) -> GraphBudget:
-    if budget is None or (isinstance(budget, str) and budget == "auto"):
-        return "auto" if budget is not None else None
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not float(budget) >= 0:
-        raise ValueError(
-            f"`graph_memory_budget` must be 'auto', None or a number of bytes >= 0, got {budget!r}"
-        )
-    return float(budget)
 
 
 class _LossModule(nn.Module):
@@ -199,7 +160,7 @@ class ProbeHessian(HessianOperator):
         graph_memory_budget: GraphBudget = "auto",
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        self.graph_memory_budget = _check_budget(graph_memory_budget)
+        self.graph_memory_budget = check_budget(graph_memory_budget)
         if method not in ("reverse_over_reverse", "forward_over_reverse"):
             raise ValueError(
                 f"`method` must be 'reverse_over_reverse' or 'forward_over_reverse', got {method!r}"
@@ -239,24 +200,49 @@ class ProbeHessian(HessianOperator):
 
     def _finish(self, total: torch.Tensor, what: str) -> torch.Tensor:
         total = self._all_reduce(total) / self.num_samples
+        return self._checked(total, what)
+
+    def _reduced(
+        self, local: Callable[[], torch.Tensor], like: torch.Tensor, what: str
+    ) -> torch.Tensor:
+        """``local()`` reduced over ranks / N; an exception on one rank reaches all of them
+        through the same reduction (:func:`~lightning_landscape.measures.reduction.reduce_sum`)."""
+        total = reduce_sum(local, like, world_size=self.world_size, group=self.process_group)
+        return self._checked(total / self.num_samples, what)
+
+    @staticmethod
+    def _checked(total: torch.Tensor, what: str) -> torch.Tensor:
         if not bool(torch.isfinite(total).all()):
             raise NonFiniteError(f"non-finite {what} on the probe")
         return total
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of vectors and results: the parameters', float32 for half precision
+        (products are computed in the parameters' dtype, the solvers work in float32)."""
+        own = self._param_list[0].dtype if self._param_list else torch.float32
+        return torch.float32 if own in (torch.float16, torch.bfloat16) else own
+
+    def _split_as_params(self, v: torch.Tensor) -> list[torch.Tensor]:
+        return [t.to(p.dtype) for t, p in zip(self._split(v), self._param_list)]
+
     # -- products --------------------------------------------------------------------------
     def _matvec_full(self, v: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros_like(v)
-        v_split = self._split(v)
-        if self.reuse_graph and self._graphs is None:
-            self._graphs = self._build_graphs()
-        if self.reuse_graph and self._graphs is not None:
-            for grads, n in zip(self._graphs, self.probe.sizes):
-                total.add_(self._second_backward(grads, v_split, retain=True), alpha=n)
-        else:
-            for batch, n in self.probe.weighted():
-                total.add_(self._hvp(v_split, batch), alpha=n)
+        def local() -> torch.Tensor:
+            total = torch.zeros_like(v)
+            v_split = self._split_as_params(v)
+            if self.reuse_graph and self._graphs is None:
+                self._graphs = self._build_graphs()
+            if self.reuse_graph and self._graphs is not None:
+                for grads, n in zip(self._graphs, self.probe.sizes):
+                    total.add_(self._second_backward(grads, v_split, retain=True), alpha=n)
+            else:
+                for batch, n in self.probe.weighted():
+                    total.add_(self._hvp(v_split, batch), alpha=n)
+            return total
+
         self.matvecs += 1
-        return self._finish(total, "Hessian-vector product")
+        return self._reduced(local, v, "Hessian-vector product")
 
     def release(self) -> None:
         """Drop the cached gradient graphs (they are rebuilt on the next product)."""
@@ -284,7 +270,7 @@ class ProbeHessian(HessianOperator):
         budget = self._budget_bytes()
         batches = self.probe.batches
         known = [*self.model.parameters(), *self.model.buffers(), *batch_tensors(batches[0])]
-        counter = _SavedBytes(known)
+        counter = SavedBytes(known)
         ran_out = False
         try:
             with counter.hooks():
@@ -355,35 +341,45 @@ class ProbeHessian(HessianOperator):
 
     def loss(self) -> float:
         """The probe loss (sample-weighted, reduced over ranks)."""
-        total = torch.zeros((), dtype=self.dtype, device=self.device)
-        with torch.no_grad():
-            for batch, n in self.probe.weighted():
-                total += n * self.loss_fn(self.model, batch).detach().to(self.dtype)
-        return float(self._finish(total, "loss").item())
+        like = torch.zeros((), dtype=self.dtype, device=self.device)
+
+        def local() -> torch.Tensor:
+            total = like.clone()
+            with torch.no_grad():
+                for batch, n in self.probe.weighted():
+                    total += n * self.loss_fn(self.model, batch).detach().to(self.dtype)
+            return total
+
+        return float(self._reduced(local, like, "loss").item())
 
     def loss_and_gradient(self) -> tuple[float, torch.Tensor]:
         """The probe loss and its gradient (flat, in the operator's parameter order)."""
-        total = torch.zeros(self.size + 1, dtype=self.dtype, device=self.device)
-        for batch, n in self.probe.weighted():
-            loss = self.loss_fn(self.model, batch)
-            grads = torch.autograd.grad(loss, self._param_list, allow_unused=True)
-            flat = torch.cat(
-                [
-                    torch.zeros(p.numel(), dtype=self.dtype, device=self.device)
-                    if g is None
-                    else g.reshape(-1)
-                    for g, p in zip(grads, self._param_list)
-                ]
-            )
-            total[:-1].add_(flat, alpha=n)
-            total[-1] += n * loss.detach()
+        like = torch.zeros(self.size + 1, dtype=self.dtype, device=self.device)
+
+        def local() -> torch.Tensor:
+            total = like.clone()
+            for batch, n in self.probe.weighted():
+                loss = self.loss_fn(self.model, batch)
+                grads = torch.autograd.grad(loss, self._param_list, allow_unused=True)
+                flat = torch.cat(
+                    [
+                        torch.zeros(p.numel(), dtype=self.dtype, device=self.device)
+                        if g is None
+                        else g.reshape(-1).to(self.dtype)
+                        for g, p in zip(grads, self._param_list)
+                    ]
+                )
+                total[:-1].add_(flat, alpha=n)
+                total[-1] += n * loss.detach().to(self.dtype)
+            return total
+
         self.gradients += 1
-        total = self._finish(total, "loss or gradient")
+        total = self._reduced(local, like, "loss or gradient")
         return float(total[-1].item()), total[:-1]
 
     def vector(self) -> torch.Tensor:
-        """Current parameter values, flat (a detached copy)."""
-        return flatten([p.detach() for p in self._param_list]).clone()
+        """Current parameter values, flat (a detached copy in the operator's dtype)."""
+        return flatten([p.detach() for p in self._param_list]).to(self.dtype).clone()
 
     def set_vector(self, vector: torch.Tensor) -> None:
         """Overwrite the parameters with ``vector`` (callers run inside :func:`guard`)."""

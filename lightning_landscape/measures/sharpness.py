@@ -49,7 +49,15 @@ def lambda_max(
     tol: float = 1e-3,
     seed: int = 0,
 ) -> EigenEstimate:
-    """The largest algebraic eigenvalue of ``operator`` (k = 1 of :func:`top_eigen`)."""
+    """The largest algebraic eigenvalue of ``operator`` (k = 1 of :func:`top_eigen`).
+
+    ``tol`` bounds the relative eigenvalue error (``ρ²/δ``, see :func:`top_eigen`), not the
+    residual. ``warm_start``: :meth:`EigenEstimate.warm_start` of the previous solve (its top
+    and next Ritz vectors start this one, with a fresh random direction of equal weight); pass
+    a different ``seed`` at every measurement so the fresh direction differs. A single start
+    vector sees one copy of a repeated eigenvalue: λ_max is right, its multiplicity is not
+    visible (use :func:`top_eigen` with ``k`` ≥ 2 for that).
+    """
     return top_eigen(operator, k=1, max_iter=max_iter, tol=tol, warm_start=warm_start, seed=seed)
 
 
@@ -63,7 +71,10 @@ def preconditioned_lambda_max(
     seed: int = 0,
 ) -> EigenEstimate:
     """λ_max(P^{-1/2} H P^{-1/2}) for the diagonal ``P`` given as a flat vector, or for the
-    symmetric ``P`` whose ``v ↦ P^{-1/2} v`` (flat vectors) is given as a callable."""
+    symmetric ``P`` whose ``v ↦ P^{-1/2} v`` (flat vectors) is given as a callable.
+
+    Solved as :func:`lambda_max` (same stopping rule, warm start and repeated-eigenvalue
+    caveat)."""
     pre: PreconditionedOperator | MatrixPreconditionedOperator
     if callable(diagonal) and not isinstance(diagonal, torch.Tensor):
         pre = MatrixPreconditionedOperator(operator, diagonal)

@@ -129,8 +129,8 @@ def kfac_stability(
         None,
         rule,
         inverse_sqrt,
-        coupled_decay=decay or None,
-        decay_after_preconditioning=bool(decay),
+        coupled_decay=decay if isinstance(decay, list) else None,
+        decay_after_preconditioning=isinstance(decay, list),
     )
 
 

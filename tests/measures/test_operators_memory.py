@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from lightning_landscape.measures.graph_budget import SavedBytes
 from lightning_landscape.measures.operators import (
     CPU_GRAPH_BUDGET,
     CUDA_GRAPH_FRACTION,
     ProbeHessian,
-    _SavedBytes,
 )
 from lightning_landscape.measures.probe import batch_tensors
 
@@ -56,7 +56,7 @@ def test_estimate_matches_counting_every_batch():
     op = ProbeHessian(model, probe, ce_loss)
     op.matvec(torch.ones(op.size, dtype=torch.float64))
     known = [*model.parameters(), *(t for b in probe for t in batch_tensors(b))]
-    counter = _SavedBytes(known)
+    counter = SavedBytes(known)
     with counter.hooks():
         graphs = [op._gradient_graph(b) for b in probe]
     grads = sum(g.numel() * g.element_size() for gs in graphs for g in gs)
