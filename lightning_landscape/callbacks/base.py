@@ -309,6 +309,7 @@ class MeasurementCallback(Callback):
                 due, nxt = self.cadence.decide(step, busy=shared_state(trainer).busy)
                 due, nxt = trainer.strategy.broadcast((due, nxt), src=0)
                 self.cadence.next_check = nxt
+                self._check_plan(trainer)
             else:
                 due = True
         self._decision = (step, due)
@@ -419,9 +420,12 @@ class MeasurementCallback(Callback):
         )
 
     def _check_plan(self, trainer: pl.Trainer) -> None:
-        """Once the warm cost is known: warn once if fewer than ``min_points`` fit."""
+        """Warn once if fewer than ``min_points`` fit: when the steady-state cost is known
+        (third point), or earlier when the plan already gives no further point."""
         c = self.cadence
-        if not c.planned or c.points != 3 or "_plan_checked" in self._warned:
+        if not c.planned or "_plan_checked" in self._warned or c.planned_points is None:
+            return
+        if c.points < 3 and c.planned_points > c.points:
             return
         self._warned.add("_plan_checked")
         points = c.expected_points()

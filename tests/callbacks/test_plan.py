@@ -190,3 +190,15 @@ def test_defaults_give_a_curve_through_lightning():
         assert cb.plan_summary["auto"] and cb.plan_summary["probe_size"] in (8, 16, 32, 48, 96)
         assert cb.run_summary["points"] == len(steps)
         assert cb.run_summary["share"] <= 3 * 0.025, cb.run_summary  # timing noise under load
+
+
+def test_fewer_than_min_points_warns_once_with_the_numbers():
+    log = RecordingLogger()
+    pl.seed_everything(0, verbose=False)
+    cb = Sharpness(max_overhead=0.001)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer([cb], logger=log, max_steps=60).fit(Net(), loader(96, batch_size=8))
+    msgs = [str(w.message) for w in caught if "will measure ~" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    assert "0.1% of its time" in msgs[0] and "raise `max_overhead`" in msgs[0]
