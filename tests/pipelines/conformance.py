@@ -40,7 +40,9 @@ from lightning_landscape.callbacks import (
 
 from .models import Pipeline, loader
 
-MAX_STEPS = 8  # 2 epochs of 4 batches; windows of GradientFlowDeviation(window=3) end at 3, 7
+MAX_STEPS = (
+    16  # 4 epochs of 4 batches (past settle_steps=10); windows of window=3 end at 3, 7, 11, 15
+)
 
 
 class MemoryLogger(Logger):
