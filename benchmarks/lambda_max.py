@@ -4,14 +4,16 @@ A 64→256→256→10 MLP (tanh and ReLU) is trained on scikit-learn's digits wi
 (batch 64). After ``--pretrain`` steps (mid-training) training goes on, and every ``--every``
 steps λ_max of the probe loss (1024 training samples in 4 batches of 256) is measured by:
 
-- ``ours-warm``: ``lambda_max(ProbeHessian(...), warm_start=prev.warm_start(), tol=1e-3)``, the
-  warm start coming from our own measurement ``--every`` steps earlier (the steady state of the
-  callbacks; the first measurement is a cold solve and is not reported);
+- ``ours-warm``: ``lambda_max(ProbeHessian(...), warm_start=prev.warm_start(), tol=1e-3,
+  seed=i)``, the warm start coming from our own measurement ``--every`` steps earlier (the
+  steady state of the callbacks, whose shared solve also draws its fresh random direction from
+  the step; the first measurement is a cold solve and is not reported). ``tol`` bounds the
+  eigenvalue error (residual²/gap, see ``measures/lanczos.py``); ``warm_start()`` holds the
+  previous top vector and the next Ritz vector (the bottom one is not used for λ_max);
 - ``ours-warm-top``: the same, warm-started from the previous top eigenvector only (its own
-  chain; ``EigenEstimate.warm_start()`` also adds the bottom Ritz vector to the start);
-- ``ours-warm-tol1e-2``: ``ours-warm`` with ``tol=1e-2`` (its own chain): the Ritz value's
-  error is about the squared residual over the relative gap, so a looser residual tolerance
-  may still give a 1e-3 eigenvalue error;
+  chain): one product less per solve, but blind to an eigenvalue overtaking from below
+  unless the fresh random direction finds it;
+- ``ours-warm-tol1e-2``: ``ours-warm`` with ``tol=1e-2`` (its own chain);
 - ``ours-cold``: the same without warm start (for reference);
 - ``pyhessian``: ``pyhessian.hessian(model, criterion, dataloader=probe, cuda=False)
   .eigenvalues(top_n=1)`` (power iteration, its defaults ``maxIter=100, tol=1e-3``; its ``tol``
@@ -150,22 +152,22 @@ def run(activation: str, args: argparse.Namespace) -> dict[str, Any]:
                 start = time.perf_counter()
                 if method == "ours-warm":
                     op = ProbeHessian(model, probe, cross_entropy)
-                    est = lambda_max(op, warm_start=warm, tol=1e-3)
+                    est = lambda_max(op, warm_start=warm, tol=1e-3, seed=i)
                     out = (est.lambda_max, est.matvecs)
                     current = est
                 elif method == "ours-warm-top":
                     op = ProbeHessian(model, probe, cross_entropy)
-                    est_top = lambda_max(op, warm_start=warm_top, tol=1e-3)
+                    est_top = lambda_max(op, warm_start=warm_top, tol=1e-3, seed=i)
                     out = (est_top.lambda_max, est_top.matvecs)
                     current_top = est_top
                 elif method == "ours-warm-tol1e-2":
                     op = ProbeHessian(model, probe, cross_entropy)
-                    est_loose = lambda_max(op, warm_start=warm_loose, tol=1e-2)
+                    est_loose = lambda_max(op, warm_start=warm_loose, tol=1e-2, seed=i)
                     out = (est_loose.lambda_max, est_loose.matvecs)
                     current_loose = est_loose
                 elif method == "ours-cold":
                     op = ProbeHessian(model, probe, cross_entropy)
-                    cold = lambda_max(op, tol=1e-3)
+                    cold = lambda_max(op, tol=1e-3, seed=i)
                     out = (cold.lambda_max, cold.matvecs)
                 elif method == "pyhessian":
                     out = _pyhessian(model, probe.batches, seed=i)
@@ -252,8 +254,8 @@ def goals(result: dict[str, Any]) -> str:
     ours, lz = rows["ours-warm"], rows["lanczos20"]
     checks = [
         (
-            "<= 1e-3 error (max) in <= 8 HVPs (median), steady state",
-            ours["err_max"] <= 1e-3 and ours["hvps_median"] <= 8,
+            "<= 1e-3 error (max) in <= 6 HVPs (median), steady state",
+            ours["err_max"] <= 1e-3 and ours["hvps_median"] <= 6,
         )
     ]
     for name in ("pyhessian", "pyhessian-tol1e-4"):
