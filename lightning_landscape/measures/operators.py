@@ -43,6 +43,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -323,7 +324,21 @@ class ProbeHessian(HessianOperator):
 
     def _hvp(self, v_split: list[torch.Tensor], batch: Any) -> torch.Tensor:
         if self.hvp_method == "forward_over_reverse":
-            return self._hvp_forward_over_reverse(v_split, batch)
+            try:
+                return self._hvp_forward_over_reverse(v_split, batch)
+            except RuntimeError as err:
+                if "ZeroTensors are immutable" not in str(err):
+                    raise
+                # a torch bug in the forward-mode derivative of some losses (F.mse_loss among
+                # them): the same product by double backward, for the rest of this operator
+                warnings.warn(
+                    "ProbeHessian(method='forward_over_reverse'): torch cannot take the "
+                    f"forward-mode derivative of this loss ({err}); using "
+                    "reverse_over_reverse instead.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self.hvp_method = "reverse_over_reverse"
         return self._second_backward(self._gradient_graph(batch), v_split, retain=False)
 
     def _hvp_forward_over_reverse(self, v_split: list[torch.Tensor], batch: Any) -> torch.Tensor:
