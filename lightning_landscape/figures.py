@@ -106,8 +106,13 @@ def profile_figure(
     ylabel: str = "fraction",
     xlabel: str = "layer",
     log_y: bool = False,
+    ylim: tuple[float, float] | None = (0.0, 1.0),
 ) -> Figure:
     """A per-layer profile: one marked line over the layer index, ticks named by layer.
+
+    The y axis is fixed (by default [0, 1], the range of a fraction such as the sample-variance
+    fraction) so that the profiles of different runs and steps compare at a glance: a run that
+    stays at 0.7-1.0 and one that falls to 0.1 are drawn on the same axis.
 
     Args:
         labels: Layer names, in depth order.
@@ -116,15 +121,20 @@ def profile_figure(
         ylabel: y-axis label.
         xlabel: x-axis label.
         log_y: Log-scale y axis.
+        ylim: ``(bottom, top)`` of the y axis, widened to show any value outside it; ``None``
+            fits the axis to the values. On a log axis a bottom ≤ 0 is left to fit the values.
 
     Raises:
-        ValueError: If lengths differ or values are not finite (or not positive with log_y).
+        ValueError: If lengths differ, values are not finite (or not positive with log_y), or
+            ``ylim`` is not two finite numbers with bottom < top.
 
     Example::
 
         >>> fig = profile_figure(["fc1", "fc2", "fc3"], [1.0, 0.5, 0.25])
         >>> fig.axes[0].lines[0].get_xydata().tolist()
         [[0.0, 1.0], [1.0, 0.5], [2.0, 0.25]]
+        >>> [float(v) for v in fig.axes[0].get_ylim()]
+        [0.0, 1.0]
     """
     y = _vector("values", values)
     names = [str(label) for label in labels]
@@ -132,13 +142,25 @@ def profile_figure(
         raise ValueError(f"labels must have len(values)={y.size} entries, got {len(names)}")
     if log_y and np.any(y <= 0):
         raise ValueError(f"values must be positive with log_y=True, got {values!r}")
+    limits = None
+    if ylim is not None:
+        limits = _vector("ylim", ylim, min_len=2)
+        if limits.size != 2 or not limits[0] < limits[1]:
+            raise ValueError(f"ylim must be (bottom, top) with bottom < top, got {ylim!r}")
     figure, ax = new_figure()
     index = np.arange(y.size, dtype=float)
-    ax.plot(index, y, marker="o", color="C0")
+    # clip_on=False: markers on the fixed limits (f = 1 at the first layer) are drawn whole
+    ax.plot(index, y, marker="o", color="C0", clip_on=False)
     tilt = y.size > 4
     ax.set_xticks(index, names, rotation=45 if tilt else 0, ha="right" if tilt else "center")
     if log_y:
         ax.set_yscale("log")
+    if limits is not None:
+        bottom, top = float(min(limits[0], y.min())), float(max(limits[1], y.max()))
+        if log_y and bottom <= 0:
+            ax.set_ylim(top=top)
+        else:
+            ax.set_ylim(bottom, top)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     return figure
 

@@ -7,6 +7,13 @@ The only module that knows TensorBoard. Callbacks describe their charts with :cl
 :func:`log_figure`. Only global rank 0 with a ``TensorBoardLogger`` writes; otherwise every
 write is skipped silently. Figures live on their own Agg canvas: pyplot is never used.
 
+Layouts are *arranged* when written (:func:`arrange`): ratio charts (``.../ratio``, scale-free:
+≈ 1 at the edge of stability) come first, and a chart that mixes a stability ``threshold`` or a
+``preconditioned`` sharpness with other curves is split, one chart each — whether they share a
+scale is not knowable when the layout is written (at initialisation λ_max may sit 100× below
+2/η and reach it later; under Adam the preconditioned λ_max is ~1000× the raw one), and one
+linear axis over both flattens the smaller curve.
+
 Example::
 
     >>> charts = [Chart("Sharpness", ("landscape/sharpness/lambda_max",)),
@@ -15,6 +22,11 @@ Example::
     >>> layout = layout_proto(charts)
     >>> [c.title for c in layout.category[0].chart]
     ['Sharpness', 'Hessian top-k']
+    >>> [c.title for c in arrange([*FAMILY_CHARTS["hessian"][:1], Chart(
+    ...     "Sharpness vs stability threshold (heldout)",
+    ...     ("landscape/heldout/lambda_max", "landscape/heldout/threshold")),
+    ...     Chart("Sharpness / threshold (heldout)", ("landscape/heldout/ratio",))])]
+    ['Sharpness / threshold (heldout)', 'Hessian top-k', 'Sharpness (heldout)', 'Stability threshold (heldout)']
     >>> write_layout(None, charts)  # no trainer, no TensorBoardLogger: skipped silently
     False
 """
@@ -44,6 +56,7 @@ __all__ = [
     "CATEGORY",
     "FAMILY_CHARTS",
     "Chart",
+    "arrange",
     "contour_figure",
     "curve_figure",
     "density_figure",
@@ -105,12 +118,11 @@ def _chart(title: str, *patterns: str) -> Chart:
 _SV = "sample_variance"
 #: Canonical charts of each metric family of DESIGN.md §4 (anchored regexes), by family.
 FAMILY_CHARTS: Mapping[str, tuple[Chart, ...]] = {
-    "sharpness": (
-        _chart(
-            "Sharpness vs stability threshold",
-            *(f"sharpness/{q}" for q in ("lambda_max", "preconditioned", "threshold")),
-        ),
+    "sharpness": (  # already arranged (see `arrange`): ratio first, one chart per scale
         _chart("Sharpness / threshold", "sharpness/ratio"),
+        _chart("Sharpness", "sharpness/lambda_max"),
+        _chart("Preconditioned sharpness", "sharpness/preconditioned"),
+        _chart("Stability threshold", "sharpness/threshold"),
         _chart("Rho-sharpness", "sharpness/rho"),
     ),
     "hessian": (
@@ -134,6 +146,55 @@ FAMILY_CHARTS: Mapping[str, tuple[Chart, ...]] = {
 }
 
 
+_VS_THRESHOLD = " vs stability threshold"
+#: Quantities split off into charts of their own, with the title of that chart.
+_OWN_CHART = {"preconditioned": "Preconditioned sharpness", "threshold": "Stability threshold"}
+
+
+def _quantity(tag: str) -> str:
+    """The last segment of a tag or anchored tag regex: ``^landscape/x/ratio$`` → ``ratio``."""
+    return tag.removesuffix("$").rpartition("/")[2]
+
+
+def _split_scales(chart: Chart) -> tuple[Chart, ...]:
+    """``chart`` without its ``preconditioned`` and ``threshold`` tags, then one chart of each
+    of those (if it mixed them with other tags)."""
+    if chart.kind != "multiline":
+        return (chart,)
+    own = {q: tuple(t for t in chart.tags if _quantity(t) == q) for q in _OWN_CHART}
+    rest = tuple(t for t in chart.tags if _quantity(t) not in _OWN_CHART)
+    if not rest or not any(own.values()):
+        return (chart,)
+    if _VS_THRESHOLD in chart.title:
+        head, suffix = chart.title.split(_VS_THRESHOLD, 1)
+        title, names = head + suffix, {q: name + suffix for q, name in _OWN_CHART.items()}
+    else:
+        title, names = chart.title, {q: f"{chart.title}: {q}" for q in _OWN_CHART}
+    parts = [Chart(title, rest)]
+    parts.extend(Chart(names[q], tags) for q, tags in own.items() if tags)
+    return tuple(parts)
+
+
+def _is_ratio(chart: Chart) -> bool:
+    return chart.kind == "multiline" and all(_quantity(t) == "ratio" for t in chart.tags)
+
+
+def arrange(charts: Sequence[Chart]) -> tuple[Chart, ...]:
+    """The charts as the layout shows them (what :func:`layout_proto` and :func:`write_layout`
+    write): first chart of each title; charts of ratios (every tag's last segment ``ratio``)
+    first; a multiline chart mixing ``preconditioned`` or ``threshold`` tags with others split
+    into the others (the title without " vs stability threshold") followed by a "Preconditioned
+    sharpness" and a "Stability threshold" chart (the title's instance suffix, e.g.
+    " (heldout)", kept; other titles: "<title>: threshold"); otherwise in order.
+
+    Raises:
+        ValueError: If ``charts`` holds a non-:class:`Chart`.
+    """
+    split = tuple(part for chart in _unique(charts) for part in _split_scales(chart))
+    ratios = tuple(c for c in split if _is_ratio(c))
+    return _unique((*ratios, *(c for c in split if not _is_ratio(c))))
+
+
 def _unique(charts: Sequence[Chart]) -> tuple[Chart, ...]:
     """Charts in order, keeping the first chart of each title."""
     seen: dict[str, Chart] = {}
@@ -151,27 +212,29 @@ def _check_category(category: str) -> None:
 
 def layout_dict(charts: Sequence[Chart], category: str = CATEGORY) -> dict[str, Any]:
     """The layout as ``SummaryWriter.add_custom_scalars`` takes it: ``{category: {title:
-    ["Multiline" | "Margin", [tags...]]}}`` (first chart of each title; ValueError as in
+    ["Multiline" | "Margin", [tags...]]}}`` (the charts as :func:`arrange` lays them out;
+    ValueError as in
     :func:`layout_proto`)."""
     _check_category(category)
     return {
         category: {
             c.title: ["Margin" if c.kind == "margin" else "Multiline", list(c.tags)]
-            for c in _unique(charts)
+            for c in arrange(charts)
         }
     }
 
 
 def layout_proto(charts: Sequence[Chart], category: str = CATEGORY) -> layout_pb2.Layout:
     """The custom-scalars ``Layout`` protobuf (what TensorBoard reads from the tag
-    ``custom_scalars__config__``) of one category; the first chart of each title is kept.
+    ``custom_scalars__config__``) of one category: the charts as :func:`arrange` lays them
+    out (first chart of each title, ratios first, one chart per scale).
 
     Raises:
         ValueError: If ``category`` is empty or ``charts`` holds a non-:class:`Chart`.
     """
     _check_category(category)
     protos = []
-    for chart in _unique(charts):
+    for chart in arrange(charts):
         if chart.kind == "margin":
             value, lower, upper = chart.tags
             series = layout_pb2.MarginChartContent.Series(value=value, lower=lower, upper=upper)

@@ -20,6 +20,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from lightning_landscape.panels import (
     FAMILY_CHARTS,
     Chart,
+    arrange,
     contour_figure,
     density_figure,
     layout_dict,
@@ -32,14 +33,7 @@ from lightning_landscape.panels import (
 )
 
 CONFIG_TAG = "custom_scalars__config__"
-SHARPNESS = Chart(
-    "Sharpness vs stability threshold",
-    (
-        "landscape/sharpness/lambda_max",
-        "landscape/sharpness/preconditioned",
-        "landscape/sharpness/threshold",
-    ),
-)
+SHARPNESS = Chart("Sharpness", ("landscape/sharpness/lambda_max", "landscape/sharpness/rho"))
 HESSIAN = Chart("Hessian top-k", (r"landscape/hessian/eig_\d+",))
 MARGIN = Chart("Band", ("a/value", "a/lower", "a/upper"), kind="margin")
 CHARTS = (SHARPNESS, HESSIAN, MARGIN)
@@ -122,6 +116,65 @@ def test_layout_dict_and_proto_agree_and_dedupe_by_title():
         layout_proto(CHARTS, category="")
     with pytest.raises(ValueError, match="charts"):
         layout_dict(["not a chart"])  # type: ignore[list-item]
+
+
+def test_arrange_puts_ratios_first_and_gives_each_scale_its_own_chart(tmp_path):
+    """What `Sharpness.charts()` hands over (λ_max, preconditioned and threshold in one chart)
+    is laid out as ratio, λ_max, preconditioned, threshold: their scales may differ 100x
+    (SGD far from the edge: λ_max ≈ 4, threshold 380; Adam: preconditioned ≈ 1000 λ_max),
+    which is not knowable when the layout is written."""
+    base = "landscape/sharpness/"
+    mixed = Chart(
+        "Sharpness vs stability threshold",
+        (base + "lambda_max", base + "preconditioned", base + "threshold"),
+    )
+    ratio = Chart("Sharpness / threshold", (base + "ratio",))
+    held = Chart(
+        "Sharpness vs stability threshold (heldout)",
+        ("landscape/heldout/lambda_max", "landscape/heldout/threshold"),
+    )
+    held_ratio = Chart("Sharpness / threshold (heldout)", ("landscape/heldout/ratio",))
+    other = Chart("Limits", ("^x/threshold$", "^x/value$"))
+    charts = [HESSIAN, mixed, ratio, held, held_ratio, other]
+    assert [(c.title, c.tags) for c in arrange(charts)] == [
+        ("Sharpness / threshold", (base + "ratio",)),
+        ("Sharpness / threshold (heldout)", ("landscape/heldout/ratio",)),
+        (HESSIAN.title, HESSIAN.tags),
+        ("Sharpness", (base + "lambda_max",)),
+        ("Preconditioned sharpness", (base + "preconditioned",)),
+        ("Stability threshold", (base + "threshold",)),
+        ("Sharpness (heldout)", ("landscape/heldout/lambda_max",)),
+        ("Stability threshold (heldout)", ("landscape/heldout/threshold",)),
+        ("Limits", ("^x/value$",)),
+        ("Limits: threshold", ("^x/threshold$",)),
+    ]
+    # the canonical charts are already arranged; margins and single-scale charts stay as is
+    assert arrange(FAMILY_CHARTS["sharpness"]) == FAMILY_CHARTS["sharpness"]
+    lone = Chart("Limits", (base + "threshold", "^x/threshold$"))
+    assert arrange([MARGIN, lone]) == (MARGIN, lone)
+    # a split part whose title is taken keeps the first chart of that title
+    assert [c.title for c in arrange([SHARPNESS, mixed])] == [
+        "Sharpness",
+        "Preconditioned sharpness",
+        "Stability threshold",
+    ]
+    # what is written is the arranged layout
+    logger = TensorBoardLogger(tmp_path, name="run")
+    assert write_layout(_trainer(logger), [mixed, ratio, HESSIAN]) is True
+    logger.experiment.flush()
+    (layout,) = _layouts(logger.log_dir)
+    assert [title for title, _ in _summary(layout)["Landscape"]] == [
+        "Sharpness / threshold",
+        "Sharpness",
+        "Preconditioned sharpness",
+        "Stability threshold",
+        HESSIAN.title,
+    ]
+    assert layout_dict([mixed])["Landscape"] == {
+        "Sharpness": ["Multiline", [base + "lambda_max"]],
+        "Preconditioned sharpness": ["Multiline", [base + "preconditioned"]],
+        "Stability threshold": ["Multiline", [base + "threshold"]],
+    }
 
 
 def test_write_layout_twice_writes_once_and_merges_new_charts(tmp_path):
@@ -314,8 +367,10 @@ def test_family_charts_select_the_metric_names_of_the_contract():
     by_title = {c.title: c for charts in FAMILY_CHARTS.values() for c in charts}
     assert len(by_title) == sum(len(charts) for charts in FAMILY_CHARTS.values())
     assert {title: _matching(chart, names) for title, chart in by_title.items()} == {
-        "Sharpness vs stability threshold": names[:3],
         "Sharpness / threshold": ["landscape/sharpness/ratio"],
+        "Sharpness": names[:1],
+        "Preconditioned sharpness": ["landscape/sharpness/preconditioned"],
+        "Stability threshold": ["landscape/sharpness/threshold"],
         "Rho-sharpness": [],
         "Hessian top-k": ["landscape/hessian/eig_1", "landscape/hessian/eig_12"],
         "Hessian trace": ["landscape/hessian/trace"],
@@ -373,8 +428,25 @@ def test_profile_figure_points_and_labels():
     assert ax.get_ylabel() == "variance fraction"
     with pytest.raises(ValueError, match="labels"):
         profile_figure(["a"], [1.0, 2.0])
+    with pytest.raises(ValueError, match="ylim"):
+        profile_figure(["a"], [0.5], ylim=(1.0, 0.0))
     with pytest.raises(ValueError, match="log_y"):
         profile_figure(["a"], [0.0], log_y=True)
+
+
+def test_profile_figure_axis_is_fixed_so_profiles_compare():
+    """BatchNorm (0.72-1.0) and plain (0.1-1.0) depth profiles on the same [0, 1] axis."""
+    with_bn = profile_figure(["a", "b", "c"], [1.0, 0.8, 0.72])
+    plain = profile_figure(["a", "b", "c"], [1.0, 0.3, 0.1])
+    assert with_bn.axes[0].get_ylim() == plain.axes[0].get_ylim() == (0.0, 1.0)
+    assert not with_bn.axes[0].lines[0].get_clip_on()  # the marker at f = 1 is drawn whole
+    # a value outside the range widens it; None fits the axis to the values
+    assert profile_figure(["a", "b"], [0.5, 1.5]).axes[0].get_ylim() == (0.0, 1.5)
+    low, high = profile_figure(["a", "b"], [3.0, 5.0], ylim=None).axes[0].get_ylim()
+    assert 2.0 < low < 3.0 and 5.0 < high < 6.0
+    # on a log axis the bottom follows the values, the top stays at 1
+    low, high = profile_figure(["a", "b"], [0.01, 0.5], log_y=True).axes[0].get_ylim()
+    assert 0 < low < 0.01 and high == 1.0
 
 
 def test_contour_figure():

@@ -85,7 +85,7 @@ def test_one_dashboard_with_every_family_and_matching_tags(tmp_path) -> None:
     (category,) = layout.category
     charts = {c.title: list(c.multiline.tag) for c in category.chart}
     for title in (
-        "Sharpness vs stability threshold",
+        "Sharpness",
         "Hessian top-k",
         "Gradient-flow deviation",
         "Sample variance by layer",
@@ -106,7 +106,7 @@ def test_one_dashboard_with_every_family_and_matching_tags(tmp_path) -> None:
         "landscape/gradient_flow/step_gap",
     ]
     assert matched["Loss barrier"] == ["landscape/landscape/barrier"]
-    assert "landscape/sharpness/lambda_max" in matched["Sharpness vs stability threshold"]
+    assert "landscape/sharpness/lambda_max" in matched["Sharpness"]
     images = acc.Tags()["images"]
     assert {
         "landscape/sample_variance/profile",

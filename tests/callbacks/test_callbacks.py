@@ -329,8 +329,10 @@ def test_dashboard_layout_and_density_figure_from_attached_callbacks(tmp_path):
     assert category.title == "Landscape"
     titles = [chart.title for chart in category.chart]
     assert titles == [
-        "Sharpness vs stability threshold",
         "Sharpness / threshold",
+        "Sharpness",
+        "Preconditioned sharpness",
+        "Stability threshold",
         "Hessian top-k",
         "Hessian trace",
     ]

@@ -26,7 +26,7 @@ DRIVERS = ("chromedriver",)
 #: Panel kinds each run must show, with drawn points.
 EXPECTED = {
     "digits/sgd": {"eos", "ratio", "spectrum", "density", "depth-heatmap", "flow", "surface"},
-    "digits/kfac": {"eos", "ratio", "kfac"},
+    "digits/kfac": {"eos", "ratio", "kfac", "kfac-seconds"},
 }
 OVERLAID = {"depth-profile", "interpolation"}  # one panel over all runs of the instance
 
@@ -58,6 +58,16 @@ def driver() -> Any:
     drv.quit()
 
 
+def _open_tab(drv: Any, url: str) -> Any:
+    """Open the Landscape tab at ``url``, switch into its iframe, wait until it has drawn."""
+    drv.get(f"{url}/#landscape")
+    wait = WebDriverWait(drv, 30)
+    frame = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "iframe") or False)[0]
+    drv.switch_to.frame(frame)
+    wait.until(lambda d: d.execute_script("return document.body.dataset.ready") == "true")
+    return wait
+
+
 def _panels(drv: Any) -> list[dict[str, Any]]:
     return drv.execute_script(
         "return [...document.querySelectorAll('.panel')].map((p) => ({kind: p.dataset.panel,"
@@ -73,11 +83,7 @@ def test_landscape_tab_draws_every_panel_of_a_real_run(
     logs = write_real_logs(tmp_path / "logs", monkeypatch)
     trained = time.monotonic() - start
     url = launch(logs, 2)
-    driver.get(f"{url}/#landscape")
-    wait = WebDriverWait(driver, 30)
-    frame = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "iframe") or False)[0]
-    driver.switch_to.frame(frame)
-    wait.until(lambda d: d.execute_script("return document.body.dataset.ready") == "true")
+    wait = _open_tab(driver, url)
 
     drawn = _panels(driver)
     by_kind: dict[str, list[dict[str, Any]]] = {}
@@ -100,7 +106,7 @@ def test_landscape_tab_draws_every_panel_of_a_real_run(
     # a run's K-FAC panel disappears when it is deselected
     driver.find_element(By.CSS_SELECTOR, 'input[data-run="digits/kfac"]').click()
     wait.until(lambda d: d.execute_script("return document.body.dataset.ready") == "true")
-    assert "kfac" not in {p["kind"] for p in _panels(driver)}
+    assert not {"kfac", "kfac-seconds"} & {p["kind"] for p in _panels(driver)}
     driver.find_element(By.CSS_SELECTOR, 'input[data-run="digits/kfac"]').click()
     wait.until(lambda d: d.execute_script("return document.body.dataset.ready") == "true")
     # the log-scale toggle redraws with the same points
@@ -115,3 +121,28 @@ def test_landscape_tab_draws_every_panel_of_a_real_run(
     driver.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
     print(f"screenshot: {shot} (training {trained:.1f} s, total {time.monotonic() - start:.1f} s)")
+
+
+def test_every_panel_kind_of_the_synthetic_runs_is_drawn(driver: Any, board: str) -> None:
+    """Quantities the real run does not log: trace, per-layer block λ_max, R_med by layer."""
+    _open_tab(driver, board)
+    drawn = _panels(driver)
+    assert all(p["points"] > 0 for p in drawn), [p for p in drawn if p["points"] <= 0]
+    kinds = {(p["kind"], p["instance"]) for p in drawn}
+    assert {
+        ("eos", "sharpness"), ("ratio", "sharpness"), ("eos", "heldout"), ("ratio", "heldout"),
+        ("spectrum", "hessian"), ("trace", "hessian"), ("layer-eig", "hessian"),
+        ("layer-rmed", "hessian"), ("density", "hessian"), ("depth-heatmap", "sample_variance"),
+        ("depth-profile", "sample_variance"), ("flow", "gradient_flow"), ("kfac", "kfac"),
+        ("surface", "landscape"), ("interpolation", "landscape"),
+    } <= kinds, kinds  # fmt: skip
+    # one point per layer block and run at the chosen step; several steps: a step slider
+    layer = next(p for p in drawn if p["kind"] == "layer-eig")
+    assert layer["points"] == 1, layer  # run a logs one layer block (net.0)
+    node = driver.find_element(By.CSS_SELECTOR, '.panel[data-panel="layer-eig"]')
+    assert node.find_elements(By.CSS_SELECTOR, ".step-slider")
+    # runs are listed in natural order
+    runs = driver.execute_script(
+        "return [...document.querySelectorAll('#runs input')].map((b) => b.dataset.run)"
+    )
+    assert runs == sorted(runs), runs

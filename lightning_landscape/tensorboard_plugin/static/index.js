@@ -51,7 +51,7 @@ async function load(runBox, main, again) {
     document.body.dataset.ready = 'true';
     return;
   }
-  const names = Object.keys(state.runs);
+  const names = naturalSort(Object.keys(state.runs));  // depth_4 before depth_16
   if (!again || state.selected.size === 0) state.selected = new Set(names.slice(0, 8));
   runBox.replaceChildren(el('span', {class: 'label', text: 'Runs:'}));
   for (const run of names) {
@@ -147,15 +147,16 @@ async function seriesOf(inst, quantities, {dashed = [], label = (qn) => qn} = {}
   return out;
 }
 
-// Log scale by default (log: 'auto') when the positive values span more than 2.5 decades.
-function spansDecades(series) {
+// Log scale by default (log: 'auto') when the positive values span more than `factor` (2.5
+// decades unless the panel says otherwise).
+function spansDecades(series, factor = 300) {
   const v = series.flatMap((s) => s.values).filter((x) => x > 0);
-  return v.length > 0 && Math.max(...v) / Math.min(...v) > 300;
+  return v.length > 0 && Math.max(...v) / Math.min(...v) > factor;
 }
 
 function linePanel(grid, inst, kind, title, caption, series, opts = {}) {
   const p = panel(grid, kind, inst, title, caption);
-  const log = opts.log === 'auto' ? spansDecades(series) : Boolean(opts.log);
+  const log = opts.log === 'auto' ? spansDecades(series, opts.logFactor) : Boolean(opts.log);
   logToggle(p, log, (on) => lineChart(p.node, p.host, {series, ...opts, log: on}));
   return p;
 }
@@ -170,7 +171,7 @@ const SECTIONS = {
       const series = await seriesOf(inst, qs, {dashed: ['threshold'], label: (x) => names[x]});
       linePanel(grid, inst, 'eos', 'Sharpness vs stability threshold',
         'λ_max of the probe-loss Hessian (and of the preconditioned one) against the optimizer\'s threshold.',
-        series, {yLabel: 'curvature', log: 'auto'});
+        series, {yLabel: 'curvature', log: 'auto', logFactor: 10});  // > 10x: λ_max flat on a linear axis
     }
     if (inst.quantities.has('ratio')) {
       const series = await seriesOf(inst, ['ratio'], {label: () => 'ratio'});
@@ -189,6 +190,22 @@ const SECTIONS = {
       linePanel(grid, inst, 'spectrum', 'Top eigenvalues and λ_min',
         'The k algebraically largest Hessian eigenvalues and the smallest one (log scale hides λ ≤ 0).',
         series, {yLabel: 'eigenvalue', log: 'auto'});
+    }
+    if (inst.quantities.has('trace')) {
+      const series = await seriesOf(inst, ['trace'], {label: () => 'tr(H)'});
+      linePanel(grid, inst, 'trace', 'Hessian trace', 'Hutch++ estimate of tr(H) on the probe.',
+        series, {yLabel: 'trace', log: 'auto'});
+    }
+    const blockOf = (x) => (/^rmed\//.test(x) ? null : (x.match(/^(.+)\/eig_1$/) || [])[1]);
+    if ([...inst.quantities].some(blockOf)) {
+      await layerProfile(grid, inst, 'layer-eig', 'Top eigenvalue by layer', blockOf,
+        'λ_max of each layer\'s Hessian block (its parameters only, the rest fixed) by layer index, at the chosen step (each run: its latest measurement at or before it).',
+        'block λ_max');
+    }
+    const rmedOf = (x) => (x.match(/^rmed\/(.+)$/) || [])[1];
+    if ([...inst.quantities].some(rmedOf)) {
+      await layerProfile(grid, inst, 'layer-rmed', 'R_med by layer', rmedOf,
+        'max |H_ii| / median |H_ii| over each layer\'s diagonal, at the chosen step.', 'R_med');
     }
     if (!inst.quantities.has('density_data')) return;
     await Promise.all(inst.runs.map(async (run) => {
@@ -252,10 +269,18 @@ const SECTIONS = {
 
   async kfac(grid, inst) {
     const qs = ['kl_scale', 'damping'].filter((x) => inst.quantities.has(x));
-    if (!qs.length) return;
-    const series = await seriesOf(inst, qs, {label: (x) => (x === 'kl_scale' ? 'KL scale ν' : 'damping λ')});
-    linePanel(grid, inst, 'kfac', 'KL clipping and damping', 'ν ≤ 1 scales the K-FAC step; λ is the damping.',
-      series, {yLabel: 'value', log: 'auto'});
+    if (qs.length) {
+      const series = await seriesOf(inst, qs, {label: (x) => (x === 'kl_scale' ? 'KL scale ν' : 'damping λ')});
+      linePanel(grid, inst, 'kfac', 'KL clipping and damping', 'ν ≤ 1 scales the K-FAC step; λ is the damping.',
+        series, {yLabel: 'value', log: 'auto'});
+    }
+    const secs = ['factor_seconds', 'inverse_seconds'].filter((x) => inst.quantities.has(x));
+    if (secs.length) {
+      const series = await seriesOf(inst, secs, {label: (x) => (x === 'factor_seconds' ? 'factor update' : 'eigendecomposition')});
+      linePanel(grid, inst, 'kfac-seconds', 'K-FAC seconds',
+        'Wall time of the last factor update and of the last eigendecomposition.', series,
+        {yLabel: 'seconds', log: 'auto'});
+    }
   },
 
   async landscape(grid, inst) {
@@ -266,7 +291,9 @@ const SECTIONS = {
       const series = Object.entries(chosen).filter(([, d]) => d.t).map(([run, d], i) => ({
         label: `${run} (step ${d.step}, barrier ${fmt(d.barrier)})`, steps: d.t, values: d.interpolation,
         color: PALETTE[i % PALETTE.length]}));
+      // Runs answer in any order: a run without an interpolation must not drop the panel for good.
       if (!series.length) { interp.node.remove(); return; }
+      if (!interp.node.isConnected) grid.prepend(interp.node);
       lineChart(interp.node, interp.host, {series, xLabel: 't', yLabel: 'probe loss'});
     };
     await Promise.all(inst.runs.map(async (run) => {
@@ -301,6 +328,42 @@ function drawSurface(p, d) {
       xLabel: 'α (filter-normalised direction)', yLabel: 'probe loss'});
     caption.textContent = `Probe loss on θ + α d, step ${d.step}; loss at θ ${fmt(d.center)}.`;
   }
+}
+
+// One line per run over the layer index (natural order of the layer names `layerOf` picks from
+// the quantities), at the step chosen with a slider; log scale when the values span decades.
+async function layerProfile(grid, inst, kind, title, layerOf, caption, yLabel) {
+  const data = await Promise.all(inst.runs.map((run) => scalars(run, inst.name)));
+  const per = inst.runs.map((run, r) => {
+    const keys = Object.keys(data[r]).filter(layerOf);
+    const byLayer = new Map(keys.map((k) => [layerOf(k), data[r][k]]));
+    return {run, byLayer, layers: naturalSort([...byLayer.keys()])};
+  }).filter((x) => x.layers.length);
+  if (!per.length) return;
+  const allSteps = [...new Set(per.flatMap(({byLayer}) => [...byLayer.values()].flatMap((d) => d.steps)))]
+    .sort((a, b) => a - b);
+  const p = panel(grid, kind, inst, title, caption);
+  const slider = el('input', {type: 'range', min: '0', max: String(allSteps.length - 1), class: 'step-slider'});
+  slider.value = String(allSteps.length - 1);
+  const label = el('span', {class: 'step-label'});
+  if (allSteps.length > 1) p.controls.append(slider);
+  p.controls.append(label);
+  const longest = per.reduce((a, b) => (b.layers.length > a.layers.length ? b : a)).layers;
+  const seriesAt = (step) => per.map(({run, byLayer, layers}, i) => ({
+    label: run, steps: layers.map((_, k) => k + 1), values: layers.map((l) => atOrBefore(byLayer.get(l), step)),
+    color: PALETTE[i % PALETTE.length], dash: DASHES[Math.floor(i / PALETTE.length) % DASHES.length]}));
+  const box = el('input', {type: 'checkbox', class: 'log-toggle'});
+  box.checked = spansDecades(seriesAt(allSteps[allSteps.length - 1]));
+  p.controls.prepend(el('label', {}, [box, document.createTextNode(' log scale')]));
+  const redraw = () => {
+    const step = allSteps[Number(slider.value)];
+    label.textContent = ` step ${step}`;
+    lineChart(p.node, p.host, {series: seriesAt(step), log: box.checked, xLabel: 'layer', yLabel,
+      xIncrs: [1, 2, 5, 10, 20, 50], xValue: (u, v) => (v == null ? '–' : `${v}: ${longest[v - 1] ?? ''}`)});
+  };
+  slider.addEventListener('input', redraw);
+  box.addEventListener('change', redraw);
+  redraw();
 }
 
 function atOrBefore(series, step) {
