@@ -220,9 +220,7 @@ def main() -> None:
             busy = max(max(p[True]["foreign"], p[False]["foreign"]) for p in runs)
             last = runs[-1][True]
             results["rows"][f"{row}/{length}"] = runs
-            table.append(
-                (row, length, steps, last["sharpness"], last["hessian"], cpu, wall, busy)
-            )
+            table.append((row, length, steps, last["sharpness"], last["hessian"], cpu, wall, busy))
             print(table[-1], flush=True)
     save("cadence", results)
     print(
@@ -240,5 +238,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-

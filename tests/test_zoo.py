@@ -14,8 +14,11 @@ from torch import nn
 
 from lightning_landscape.zoo import (
     MLP,
+    Autoencoder,
     Classifier,
     DigitsDataModule,
+    DigitsReconstructionDataModule,
+    Reconstruction,
     Regressor,
     SmallCNN,
     TeacherStudentDataModule,
@@ -345,3 +348,85 @@ def test_classifier_trains_and_logs_under_a_trainer(one_hot: bool, tmp_path: obj
     assert {"train_loss", "val_loss", "val_acc"} <= set(metrics)
     assert 0.0 <= metrics["val_acc"].item() <= 1.0
     assert trainer.global_step == 4
+
+
+# --------------------------------------------------------------------- autoencoder
+
+
+def test_autoencoder_structure_mirrors_the_sizes() -> None:
+    net = Autoencoder((64, 256, 128, 64, 16), activation="sigmoid")
+    linears = [m for m in net.layers if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (64, 256), (256, 128), (128, 64), (64, 16), (16, 64), (64, 128), (128, 256), (256, 64),
+    ]  # fmt: skip
+    kinds = [type(m).__name__ for m in net.layers]
+    # no activation after the code (4th Linear) and the output
+    assert kinds[6:8] == ["Linear", "Linear"] and kinds[-1] == "Linear"
+    assert kinds.count("Sigmoid") == 6
+    assert net(torch.zeros(3, 1, 8, 8)).shape == (3, 64)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"sizes": (64,)}, "sizes"),
+        ({"sizes": (64, 0)}, "sizes"),
+        ({"activation": "relu"}, "activation"),
+    ],
+)
+def test_autoencoder_rejects_bad_arguments(kwargs: dict[str, object], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        Autoencoder(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"lr": 0.0}, "lr"), ({"momentum": 1.0}, "momentum"), ({"fisher": "true"}, "fisher")],
+)
+def test_reconstruction_rejects_bad_arguments(kwargs: dict[str, object], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        Reconstruction(nn.Linear(2, 2), **kwargs)  # type: ignore[arg-type]
+
+
+def test_reconstruction_data_targets_are_the_inputs_and_the_loss_sums_pixels() -> None:
+    dm = DigitsReconstructionDataModule(num_train=40, batch_size=8, seed=1)
+    dm.setup()
+    x, y = dm.train_set.tensors
+    assert x.shape == y.shape == (40, 64) and torch.equal(x, y)
+    assert torch.equal(dm.train_indices, _digits(num_train=40, seed=1).train_indices)
+    module = Reconstruction(nn.Identity())
+    batch = (torch.ones(2, 64), torch.zeros(2, 64))
+    assert float(module.landscape_loss(batch)) == 64.0
+    with pytest.raises(ValueError, match="do not match"):
+        module.landscape_loss((torch.ones(2, 64), torch.zeros(2, 10)))
+
+
+def test_reconstruction_samples_the_fisher_for_a_kfac_callback(tmp_path: object) -> None:
+    from lightning_landscape.callbacks import KFAC
+
+    torch.manual_seed(0)
+    calls: list[bool] = []
+    cb = KFAC(factor_update_every=1, inverse_update_every=1)
+    trainer = Trainer(
+        max_steps=3, limit_val_batches=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        callbacks=[cb],
+    )  # fmt: skip
+    module = Reconstruction(Autoencoder((64, 16, 4)), lr=0.05)
+    original = KFAC.on_fit_start
+
+    def spy(self: KFAC, trainer: Trainer, pl_module: object) -> None:
+        original(self, trainer, pl_module)  # type: ignore[arg-type]
+        pre = self.preconditioner
+        assert pre is not None
+        sample = pre.sample_fisher
+        pre.sample_fisher = lambda *a, **k: calls.append(sample(*a, **k)) or calls[-1]  # type: ignore[method-assign]
+
+    KFAC.on_fit_start = spy  # type: ignore[method-assign]
+    try:
+        trainer.fit(module, datamodule=DigitsReconstructionDataModule(num_train=64, batch_size=32))
+    finally:
+        KFAC.on_fit_start = original  # type: ignore[method-assign]
+    assert calls == [True, True, True]
+    assert cb.preconditioner is not None and cb.preconditioner.ready
+    assert {"train_loss", "val_loss"} <= set(trainer.callback_metrics)

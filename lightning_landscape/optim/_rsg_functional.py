@@ -54,7 +54,7 @@ def rsg_single(
         m = state["exp_avg"]
         g = _grad(grad, p, m.dtype, weight_decay, maximize)
         state["step"] += 1
-        m.mul_(beta).add_(g, alpha=1.0 - beta)
+        m.lerp_(g, 1.0 - beta)
         p.add_(m, alpha=-lr * (1.0 - observation))
         if observation != 0.0:
             p.add_(g, alpha=-lr * observation)
@@ -77,8 +77,7 @@ def rsg_multi(
         gs = _grads(gs_raw, ps, ms[0].dtype, weight_decay, maximize)
         for s in sts:
             s["step"] += 1
-        torch._foreach_mul_(ms, beta)
-        torch._foreach_add_(ms, gs, alpha=1.0 - beta)
+        torch._foreach_lerp_(ms, gs, 1.0 - beta)
         torch._foreach_add_(ps, ms, alpha=-lr * (1.0 - observation))
         if observation != 0.0:
             torch._foreach_add_(ps, gs, alpha=-lr * observation)
@@ -108,7 +107,7 @@ def arsg_single(
         g = _grad(grad, p, m.dtype, weight_decay, maximize)
         state["step"] += 1
         t = state["step"]
-        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        m.lerp_(g, 1.0 - beta1)  # one pass over m (mul_ + add_ take two)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         if amsgrad:
             vmax = state["max_exp_avg_sq"]
@@ -144,8 +143,7 @@ def arsg_multi(
         gs = _grads(gs_raw, ps, ms[0].dtype, weight_decay, maximize)
         for s in sts:
             s["step"] += 1
-        torch._foreach_mul_(ms, beta1)
-        torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
+        torch._foreach_lerp_(ms, gs, 1.0 - beta1)  # one pass over m (mul_ + add_ take two)
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
         if amsgrad:

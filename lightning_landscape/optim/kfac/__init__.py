@@ -4,7 +4,7 @@
 the Lightning plugin is :class:`lightning_landscape.callbacks.kfac.KFAC`. Modules:
 :mod:`.factors` (per-layer algebra), :mod:`.layer` (per-layer state), :mod:`.hooks`
 (statistics capture), :mod:`.distributed` (collectives), :mod:`.hyper` (argument checks),
-:mod:`.preconditioner`.
+:mod:`.fisher` (sampled Fisher), :mod:`.checkpoint`, :mod:`.preconditioner`.
 """
 
 from __future__ import annotations
