@@ -3,23 +3,27 @@
 :func:`top_eigen` returns the ``k`` *algebraically* largest eigenpairs (never the largest in
 magnitude: a large negative eigenvalue is not sharpness), optionally also the smallest one, by
 warm-started (band) Lanczos with full re-orthogonalisation (:mod:`.lanczos`). It stops once
-every wanted Ritz value is provably close to an eigenvalue: its error bound ``ρ²/δ`` (residual
-``ρ = ‖Hv − θv‖``, gap ``δ`` to the neighbouring Ritz values; ``ρ`` itself when the gap is not
-resolved) is below ``tol`` relative to ``|θ|`` — or after ``max_iter`` products.
+every wanted Ritz value is within ``tol`` (relative) of an eigenvalue by an error bound: for a
+Ritz vector that continues a warm direction, ``ρ²/δ`` (residual ``ρ = ‖Hv − θv‖``, gap ``δ``
+to the neighbouring Ritz values less their residuals; ``ρ`` itself when the gap is not
+resolved); for everything else (a cold start, a fresh or mixed direction) ``ρ`` — or after
+``max_iter`` products.
 
 Warm starting from the previous measurement's eigenvectors is what makes frequent measurement
 affordable: between nearby training steps the top eigenvectors barely move, so a Krylov space
 started from them converges in a handful of products instead of tens. A warm start alone is
 blind to an eigenvalue that has *overtaken* the old top direction (the old vector may still be
-an exact eigenvector, converged after one product), so every warm start also carries a fresh
-random direction of comparable weight and the solve explores it for at least two Krylov
-dimensions before it may stop (see :func:`top_eigen`).
+an exact eigenvector, converged after one product). So the start holds the previous top
+vectors *and the next Ritz vector* (the likeliest to overtake), plus a fresh random direction
+of equal weight, and the solve grows the fresh direction for two Krylov dimensions before it
+may stop (see :func:`top_eigen`). An eigenvalue arriving from the bulk, along a direction in
+neither, is found only as fast as the fresh direction's Krylov growth allows.
 
 Repeated eigenvalues: a Krylov space grown from a *single* vector holds one copy of a repeated
 eigenvalue (the start vector has one component in the eigenspace), so with ``k = 1`` λ_max is
 right but its multiplicity is invisible. For ``k > 1`` the Krylov space is grown from a block
-(the previous ``k`` vectors plus fresh random ones, or ``k`` random vectors cold), which finds
-up to block-size copies: ``eig_1 = eig_2`` is reported for a doubly repeated top eigenvalue.
+of 2 start vectors (``block``), which finds up to 2 copies: ``eig_1 = eig_2`` is reported for a
+doubly repeated top eigenvalue.
 
 Trace (Hutch++) and spectral density (stochastic Lanczos quadrature) delegate to
 hessian-eigenthings with a fixed seed, so every DDP rank draws the same vectors.
@@ -187,11 +191,14 @@ def top_eigen(
     direction (which may still be an exact eigenvector, converged after one product) is
     looked for in new directions and not only in the old ones.
 
-    Stopping: every wanted Ritz value's error bound (:func:`.lanczos.error_bounds`: ``ρ²/δ``
-    with residual ``ρ`` and gap ``δ`` to the neighbouring Ritz values minus their residuals;
-    ``ρ`` itself when ``δ ≤ ρ``), relative to ``max(|θ|, 0.1 · max|θ|)``, is at most
-    ``tol``, and no other Ritz value's interval ``θ_j ± ρ_j`` reaches more than that beyond
-    the wanted ones (the ordering is settled).
+    Stopping: every wanted Ritz value's error bound, relative to ``max(|θ|, 0.1 · max|θ|)``,
+    is at most ``tol``, and no other Ritz value's interval ``θ_j ± ρ_j`` reaches more than
+    that beyond the wanted ones (the ordering is settled). The bound is
+    (:func:`.lanczos.error_bounds`) ``ρ²/δ`` — residual ``ρ``, gap ``δ`` to the neighbouring
+    Ritz values minus their residuals; ``ρ`` itself when ``δ ≤ ρ`` — for a Ritz vector with
+    squared overlap ≥ 0.7 with one warm direction, and ``ρ`` for any other (cold starts, a
+    vector from the fresh directions, or one mixing two warm directions at a crossing): there
+    the eigenvalue it would be close to may not be the one it should be close to.
 
     Limitations: an eigenvalue whose eigenvector is (nearly) orthogonal to the start block
     is not seen, whatever the stopping rule (a fresh random direction holds about
