@@ -304,7 +304,11 @@ def test_callbacks_log_the_union(world: int, tmp_path: Path) -> None:
     metrics = _same_on_every_rank(logged)
     assert sorted(metrics) == [0, 1, 2, 3]
     step0 = metrics[0]
-    residuals = {"landscape/sharpness/residual", "landscape/hessian/residual"}
+    residuals = {
+        "landscape/sharpness/residual",
+        "landscape/hessian/residual",
+        "landscape/hessian/lambda_min_residual",
+    }
     assert set(step0) == {f"landscape/{k}" for k in expected} | residuals
     for key, value in expected.items():
         assert step0[f"landscape/{key}"] == pytest.approx(value, rel=1e-10, abs=1e-12), key

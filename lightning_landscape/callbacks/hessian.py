@@ -250,4 +250,10 @@ class HessianEigenvalues(MeasurementCallback):
                 title=f"Hessian spectrum, step {ctx.step}",
             )
             panels.log_figure(ctx.trainer, self.tag("density"), fig, ctx.step)
+            # the same density as data, for the Landscape tab's heatmap over steps
+            payload = {
+                "grid": [float(g) for g in dens.grid],
+                "density": [float(d) for d in dens.density],
+            }
+            panels.log_data(ctx.trainer, self.tag("density_data"), payload, ctx.step)
         return out

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_landscape import panels
 from lightning_landscape.callbacks import (
     KFAC,
     GradientFlowDeviation,
@@ -29,41 +26,6 @@ from lightning_landscape.zoo import MLP, Classifier, DigitsDataModule
 
 STEPS = 40
 PROBE = {"probe_size": 128, "probe_batch_size": 128}
-
-
-def _density_data_shim(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Until ``HessianEigenvalues`` logs ``density_data`` itself: log the density it draws.
-
-    Wraps ``panels.density_figure`` (records grid and density) and ``panels.log_figure`` (on
-    a ``.../density`` figure, writes ``.../density_data`` with :func:`panels.log_data`, unless
-    the callback already did at that step).
-    """
-    drawn: dict[str, Any] = {}
-    logged: set[tuple[str, int]] = set()
-    real_figure, real_log_figure, real_log_data = (
-        panels.density_figure, panels.log_figure, panels.log_data,
-    )  # fmt: skip
-
-    def density_figure(grid: Any, density: Any, *args: Any, **kwargs: Any) -> Any:
-        drawn["payload"] = {
-            "grid": np.asarray(grid, dtype=float).tolist(),
-            "density": np.asarray(density, dtype=float).tolist(),
-        }
-        return real_figure(grid, density, *args, **kwargs)
-
-    def log_data(trainer: Any, tag: str, payload: Any, step: int) -> bool:
-        logged.add((tag, step))
-        return real_log_data(trainer, tag, payload, step)
-
-    def log_figure(trainer: Any, tag: str, figure: Any, step: int) -> bool:
-        data_tag = tag + "_data"
-        if tag.endswith("/density") and "payload" in drawn and (data_tag, step) not in logged:
-            log_data(trainer, data_tag, drawn.pop("payload"), step)
-        return real_log_figure(trainer, tag, figure, step)
-
-    monkeypatch.setattr(panels, "density_figure", density_figure)
-    monkeypatch.setattr(panels, "log_figure", log_figure)
-    monkeypatch.setattr(panels, "log_data", log_data)
 
 
 def _fit(root: Path, version: str, lr: float, callbacks: list[pl.Callback]) -> None:
@@ -80,8 +42,9 @@ def _fit(root: Path, version: str, lr: float, callbacks: list[pl.Callback]) -> N
 
 
 def write_real_logs(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Train both runs into ``root`` (a few seconds on one CPU thread); returns ``root``."""
-    _density_data_shim(monkeypatch)
+    """Train both runs into ``root`` (a few seconds on one CPU thread); returns ``root``.
+
+    ``HessianEigenvalues`` logs its density as data (``density_data``) itself."""
     every = {"every_n_steps": 4, **PROBE}
     # lr 0.3: λ_max climbs to the threshold 2(1+β)/η = 12.7 by step ~24 and is thrown back
     _fit(root, "sgd", 0.3, [
