@@ -65,7 +65,9 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
                 "err_median",
                 "anchor_over_this",
             } <= summary.keys()
-            assert summary["err_median"] < 1e-2  # every method agrees with the reference
+            # ours agree with the reference; PyHessian's power iteration (present when the
+            # bench extra is installed) stops on a relative change and may be further off
+            assert summary["err_median"] < (1e-2 if method != "pyhessian" else 0.2), method
         for point in model["points"]:
             assert point["ours-warm"]["hvps"] <= 20 and point["lanczos20"]["hvps"] == 20
     for model in parts["hvp"]["models"]:

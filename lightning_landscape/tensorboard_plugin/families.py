@@ -40,7 +40,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     ),
     "hessian": (
         r"eig_\d+|lambda_min|trace|density_data",
-        r"eig_\d+|lambda_min|trace|density_data|density|residual|skipped|rmed/[^/]+|[^/]+/eig_1",
+        r"eig_\d+|lambda_min|lambda_min_residual|trace|density_data|density|residual|skipped"
+        r"|rmed/[^/]+|[^/]+/eig_1",
     ),
     "gradient_flow": (
         r"step_gap|deviation|window_steps",

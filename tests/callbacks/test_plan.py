@@ -175,7 +175,7 @@ def test_auto_probe_size_fits_min_points(gradient, product, total, want):
 def test_defaults_give_a_curve_through_lightning():
     """Sharpness() + HessianEigenvalues() at their defaults: an early second point, more
     points over the run, and the budget held over the run (the tiny model here is the worst
-    case: a measurement's fixed overhead costs several of its 3 ms steps)."""
+    case: a measurement's fixed overhead costs a dozen of its 0.8 ms steps)."""
     log = RecordingLogger()
     pl.seed_everything(0, verbose=False)
     cbs = [Sharpness(), HessianEigenvalues()]
@@ -186,7 +186,9 @@ def test_defaults_give_a_curve_through_lightning():
         t.fit(Net(), loader(96, batch_size=8))
     for cb, tag in zip(cbs, ("landscape/sharpness/lambda_max", "landscape/hessian/eig_1")):
         steps = sorted(log.series(tag))
-        assert len(steps) >= 4 and steps[1] <= 0.1 * total, (tag, steps)
+        # the whole run takes ~1 s (0.8 ms steps): its 2.5% pays for a few ~10 ms points, and
+        # the second comes early (the old budget put it at cost/f, past the end)
+        assert len(steps) >= 2 and steps[1] <= 0.1 * total, (tag, steps)
         assert cb.plan_summary["auto"] and cb.plan_summary["probe_size"] in (8, 16, 32, 48, 96)
         assert cb.run_summary["points"] == len(steps)
         assert cb.run_summary["share"] <= 3 * 0.025, cb.run_summary  # timing noise under load
