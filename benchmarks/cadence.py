@@ -1,4 +1,4 @@
-"""Table 9: what the default cadence gives — points, the second point's step, and the price.
+"""RESULTS §11: what the default cadence gives — points, the second point's step, and the price.
 
 Rows: four models people train, each for a short and a long run, each fitted twice in one
 process — without callbacks and with ``Sharpness()`` + ``HessianEigenvalues()`` at their
