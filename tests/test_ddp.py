@@ -209,9 +209,10 @@ def _fit(
     max_steps: int,
     batch_size: int = 4,
     nan_index: int | None = None,
+    model: _Module | None = None,
 ) -> tuple[_Module, Logged]:
     """Fit on ``world`` spawned ranks; the model and every rank's logged metrics."""
-    model = _Module()
+    model = model if model is not None else _Module()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world,
@@ -400,33 +401,9 @@ def test_exception_on_one_rank_skips_on_every_rank_without_hanging(
         Sharpness(every_n_steps=1, probe_size=N_DATA),
         HessianEigenvalues(k=2, every_n_steps=1, probe_size=N_DATA),
     ]
-    model = _FailsOnRank1(at=2)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=DDPStrategy(start_method=START, timeout=datetime.timedelta(seconds=TIMEOUT)),
-        max_steps=4,
-        callbacks=callbacks,
-        logger=_FileLogger(str(tmp_path)),
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    _, logged = _fit(
+        world, tmp_path, callbacks, max_steps=4, batch_size=2, model=_FailsOnRank1(at=2)
     )
-    loader = DataLoader(_dataset(), batch_size=2, shuffle=False)
-    with deadline(TIMEOUT) as fired:
-        try:
-            trainer.fit(model, loader)
-        except Exception:
-            if fired.is_set():
-                pytest.fail(f"DDP with {world} ranks did not finish within {TIMEOUT} s (deadlock?)")
-            raise
-    logged: Logged = {}
-    for r in range(world):
-        logged[r] = {}
-        for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            logged[r].setdefault(record["step"], {}).update(record["metrics"])
     measured = _same_on_every_rank(logged)
     for family in ("sharpness", "hessian"):
         skipped = {s: m[f"landscape/{family}/skipped"] for s, m in measured.items() if

@@ -23,10 +23,28 @@ import torch
 
 from ._compat import CurvatureOperator
 
-__all__ = ["MatrixPreconditionedOperator", "PreconditionedOperator"]
+__all__ = ["MatrixPreconditionedOperator", "PreconditionedOperator", "WrappedOperator"]
 
 
-class PreconditionedOperator(CurvatureOperator):
+class WrappedOperator(CurvatureOperator):
+    """An operator built on another: same size, device and dtype as ``self.operator``."""
+
+    operator: CurvatureOperator
+
+    @property
+    def size(self) -> int:
+        return self.operator.size
+
+    @property
+    def device(self) -> torch.device:
+        return self.operator.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.operator.dtype
+
+
+class PreconditionedOperator(WrappedOperator):
     """``u ↦ P^{-1/2} H P^{-1/2} u`` for a positive diagonal preconditioner ``P``.
 
     Its eigenvalues are those of ``P^{-1} H`` (the operator is symmetric, so Lanczos applies).
@@ -47,23 +65,11 @@ class PreconditionedOperator(CurvatureOperator):
         self.operator = operator
         self.scale = diagonal.to(device=operator.device, dtype=operator.dtype).rsqrt()
 
-    @property
-    def size(self) -> int:
-        return self.operator.size
-
-    @property
-    def device(self) -> torch.device:
-        return self.operator.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.operator.dtype
-
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self.scale * self.operator.matvec(self.scale * v)
 
 
-class MatrixPreconditionedOperator(CurvatureOperator):
+class MatrixPreconditionedOperator(WrappedOperator):
     """``u ↦ S H S u`` with ``S = P^{-1/2}`` of a symmetric positive definite ``P`` (any matrix).
 
     The non-diagonal counterpart of :class:`PreconditionedOperator` (K-FAC's Kronecker blocks):
@@ -82,18 +88,6 @@ class MatrixPreconditionedOperator(CurvatureOperator):
             raise ValueError(f"`inverse_sqrt` must be callable, got {inverse_sqrt!r}")
         self.operator = operator
         self.inverse_sqrt = inverse_sqrt
-
-    @property
-    def size(self) -> int:
-        return self.operator.size
-
-    @property
-    def device(self) -> torch.device:
-        return self.operator.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.operator.dtype
 
     def _apply(self, v: torch.Tensor) -> torch.Tensor:
         out = self.inverse_sqrt(v)

@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ._compat import CurvatureOperator
-from .operators import MatrixPreconditionedOperator, PreconditionedOperator
+from .preconditioned import MatrixPreconditionedOperator, PreconditionedOperator, WrappedOperator
 
 __all__ = ["ShiftedOperator", "constant_shift", "decay_vector", "shifted_preconditioned"]
 
@@ -50,7 +50,7 @@ def _check_diagonal(name: str, diagonal: object, size: int) -> torch.Tensor:
     return diagonal
 
 
-class ShiftedOperator(CurvatureOperator):
+class ShiftedOperator(WrappedOperator):
     """``v ↦ H v + D ⊙ v`` for a curvature operator ``H`` and a finite diagonal ``D``.
 
     Symmetric when ``H`` is, so Lanczos applies; its eigenvalues are those of ``H`` shifted by
@@ -68,18 +68,6 @@ class ShiftedOperator(CurvatureOperator):
         _check_diagonal("diagonal", diagonal, operator.size)
         self.operator = operator
         self.diagonal = diagonal.to(device=operator.device, dtype=operator.dtype)
-
-    @property
-    def size(self) -> int:
-        return self.operator.size
-
-    @property
-    def device(self) -> torch.device:
-        return self.operator.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.operator.dtype
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self.operator.matvec(v) + self.diagonal * v

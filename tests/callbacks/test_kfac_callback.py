@@ -305,55 +305,16 @@ class _BiasFree(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.3, momentum=0.9)
 
 
-def test_sharpness_with_bias_free_layers_equals_the_dense_reference() -> None:
+def _fit_against_dense(
+    model: _BiasFree,
+) -> tuple[RecordingLogger, Any, torch.Tensor, torch.Tensor]:
+    """K-FAC + Sharpness on ``model`` for 5 steps: the log, the preconditioner, the dense
+    float64 Hessian of the probe loss and ``S = P^-1/2`` of the preconditioner as used."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(24, 1, 4, 4, generator=gen, dtype=torch.float64)
     data = TensorDataset(x, (x[:, 0, 0, 0] > 0).long() + (x[:, 0, 1, 1] > 0.5).long())
     logger = RecordingLogger()
     cb = KFAC(**HYPER)
-    model = _BiasFree()
-    n = sum(p.numel() for p in model.parameters())
-    sharp = Sharpness(
-        settle_steps=0, every_n_steps=5, probe_size=16, probe_batch_size=8, tol=1e-10, max_iter=n
-    )
-    loader = DataLoader(data, batch_size=8, shuffle=False)
-    _trainer([cb, sharp], logger=logger, max_steps=5).fit(model, loader)
-    pre = cb.preconditioner
-    assert pre is not None and sorted(pre.layers) == ["conv", "head", "mid"]
-    assert [len(layer.params) for layer in pre.layers.values()] == [1, 1, 2]
-    params: list[torch.Tensor] = list(model.parameters())
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    names = [name for name, _ in model.named_parameters()]
-
-    def loss(f: torch.Tensor) -> torch.Tensor:
-        views = dict(zip(names, torch.split(f, [p.numel() for p in params])))
-        named = {k: v.view_as(p) for (k, v), p in zip(views.items(), params)}
-        return F.cross_entropy(torch.func.functional_call(model, named, (x[:16],)), data[:16][1])
-
-    h = torch.autograd.functional.hessian(loss, flat)
-    s = sym_inverse_sqrt(dense_preconditioner(pre, params))
-    want = float(torch.linalg.eigvalsh(s @ h @ s)[-1])
-    got = logger.series("landscape/sharpness/preconditioned")
-    assert set(got) == {5} and got[5] == pytest.approx(want, rel=1e-8)
-    assert want != pytest.approx(float(torch.linalg.eigvalsh(h)[-1]), rel=1e-2)
-
-
-class _BiasFreeDecay(_BiasFree):
-    """The same net under SGD with one L2 decay (0.01) on every parameter."""
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.3, momentum=0.9, weight_decay=0.01)
-
-
-def test_kfac_sharpness_adds_the_decay_after_preconditioning() -> None:
-    """SGD(weight_decay) under K-FAC: θ ← θ − η(ν P⁻¹g + wd θ), so the threshold base/ν
-    applies to λ_max(P^-1/2 H P^-1/2 + wd/ν I) (a dense float64 reference)."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(24, 1, 4, 4, generator=gen, dtype=torch.float64)
-    data = TensorDataset(x, (x[:, 0, 0, 0] > 0).long() + (x[:, 0, 1, 1] > 0.5).long())
-    logger = RecordingLogger()
-    cb = KFAC(**HYPER)
-    model = _BiasFreeDecay()
     n = sum(p.numel() for p in model.parameters())
     sharp = Sharpness(
         settle_steps=0, every_n_steps=5, probe_size=16, probe_batch_size=8, tol=1e-10, max_iter=n
@@ -372,9 +333,31 @@ def test_kfac_sharpness_adds_the_decay_after_preconditioning() -> None:
         return F.cross_entropy(torch.func.functional_call(model, named, (x[:16],)), data[:16][1])
 
     h = torch.autograd.functional.hessian(loss, flat)
-    s = sym_inverse_sqrt(dense_preconditioner(pre, params))
-    nu = pre.kl_scale
-    want = float(torch.linalg.eigvalsh(s @ h @ s)[-1]) + 0.01 / nu
+    return logger, pre, h, sym_inverse_sqrt(dense_preconditioner(pre, params))
+
+
+def test_sharpness_with_bias_free_layers_equals_the_dense_reference() -> None:
+    logger, pre, h, s = _fit_against_dense(_BiasFree())
+    assert sorted(pre.layers) == ["conv", "head", "mid"]
+    assert [len(layer.params) for layer in pre.layers.values()] == [1, 1, 2]
+    want = float(torch.linalg.eigvalsh(s @ h @ s)[-1])
+    got = logger.series("landscape/sharpness/preconditioned")
+    assert set(got) == {5} and got[5] == pytest.approx(want, rel=1e-8)
+    assert want != pytest.approx(float(torch.linalg.eigvalsh(h)[-1]), rel=1e-2)
+
+
+class _BiasFreeDecay(_BiasFree):
+    """The same net under SGD with one L2 decay (0.01) on every parameter."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.3, momentum=0.9, weight_decay=0.01)
+
+
+def test_kfac_sharpness_adds_the_decay_after_preconditioning() -> None:
+    """SGD(weight_decay) under K-FAC: θ ← θ − η(ν P⁻¹g + wd θ), so the threshold base/ν
+    applies to λ_max(P^-1/2 H P^-1/2 + wd/ν I) (a dense float64 reference)."""
+    logger, pre, h, s = _fit_against_dense(_BiasFreeDecay())
+    want = float(torch.linalg.eigvalsh(s @ h @ s)[-1]) + 0.01 / pre.kl_scale
     got = logger.series("landscape/sharpness/preconditioned")
     assert set(got) == {5} and got[5] == pytest.approx(want, rel=1e-8)
     thr = logger.series("landscape/sharpness/threshold")[5]
