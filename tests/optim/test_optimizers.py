@@ -343,6 +343,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
             _steps(ddp, OURS[name](ddp.parameters()), x[shard], y[shard])
             results[name] = [p.detach().clone() for p in net.ps]
         torch.save(results, f"{out}/rank{rank}.pt")
+        # both ranks done with the group before either tears it down: a rank leaving while
+        # the other still talks to it aborted the other (SIGABRT, ~1 run in 6)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
