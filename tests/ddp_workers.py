@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import multiprocessing
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -107,6 +109,8 @@ def gloo_group(rank: int, world: int, folder: str) -> Iterator[None]:
     """In a spawned child: one torch thread, join the gloo group of ``world`` ranks through a
     file in ``folder`` (collectives time out before the launcher's deadline), leave it on exit."""
     torch.set_num_threads(1)
+    # a rank still alive shortly before the launcher's deadline prints where it is stuck
+    faulthandler.dump_traceback_later(TIMEOUT - 20, exit=True, file=sys.stderr)
     dist.init_process_group(
         "gloo",
         init_method=f"file://{folder}/rendezvous",
@@ -116,8 +120,12 @@ def gloo_group(rank: int, world: int, folder: str) -> Iterator[None]:
     )
     try:
         yield
+        # every rank is done with the group before any tears it down (a rank leaving while
+        # another still talks to it can abort or hang the other at exit)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
 
 
 def spawn(fn: Callable[..., None], args: tuple[Any, ...], world: int) -> None:
