@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,12 +25,10 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
         "CUDA_VISIBLE_DEVICES": "",
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads((tmp_path / "gpu_check.json").read_text())
     md = (tmp_path / "gpu_check.md").read_text()
@@ -107,4 +104,3 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
                   "## 4. Overhead", "## 5. Optimizer", "## Cut by the time caps"):  # fmt: skip
         assert title in md, title
     assert "| ours-warm |" in md and "| NovoGrad (foreach) |" in md
-    assert seconds < 90, f"the dry run took {seconds:.0f} s"
