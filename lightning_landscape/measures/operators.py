@@ -52,6 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._compat import HessianOperator
+from .forward_mode import forward_over_reverse_hvp
 from .graph_budget import (
     CPU_GRAPH_BUDGET,
     CUDA_GRAPH_FRACTION,
@@ -104,18 +105,6 @@ def _world(process_group: dist.ProcessGroup | None) -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(group=process_group)
     return 1
-
-
-class _LossModule(nn.Module):
-    """``functional_call`` target: evaluates ``loss_fn(model, batch)``."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
 
 
 class ProbeHessian(HessianOperator):
@@ -342,17 +331,7 @@ class ProbeHessian(HessianOperator):
         return self._second_backward(self._gradient_graph(batch), v_split, retain=False)
 
     def _hvp_forward_over_reverse(self, v_split: list[torch.Tensor], batch: Any) -> torch.Tensor:
-        wrapper = _LossModule(self.model, self.loss_fn)
-        fixed = {f"model.{n}": p for n, p in self.model.named_parameters() if n not in self._params}
-        fixed.update({f"model.{n}": b for n, b in self.model.named_buffers()})
-
-        def loss_of(free: dict[str, torch.Tensor]) -> torch.Tensor:
-            return torch.func.functional_call(wrapper, {**fixed, **free}, (batch,))
-
-        primals = {f"model.{n}": p.detach() for n, p in self._params.items()}
-        tangents = {k: t for k, t in zip(primals, v_split)}
-        hvp = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tangents,))[1]
-        return torch.cat([hvp[k].reshape(-1) for k in primals])
+        return forward_over_reverse_hvp(self.model, self.loss_fn, self._params, v_split, batch)
 
     def loss(self) -> float:
         """The probe loss (sample-weighted, reduced over ranks)."""
