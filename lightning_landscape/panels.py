@@ -66,6 +66,7 @@ __all__ = [
     "log_figure",
     "new_figure",
     "profile_figure",
+    "renamed",
     "tensorboard_logger",
     "write_layout",
 ]
@@ -193,6 +194,18 @@ def arrange(charts: Sequence[Chart]) -> tuple[Chart, ...]:
     split = tuple(part for chart in _unique(charts) for part in _split_scales(chart))
     ratios = tuple(c for c in split if _is_ratio(c))
     return _unique((*ratios, *(c for c in split if not _is_ratio(c))))
+
+
+def renamed(charts: Sequence[Chart], family: str, name: str) -> list[Chart]:
+    """``charts`` of a ``family`` for the instance ``name`` (tags ``landscape/<name>/…``, the
+    name in the titles); unchanged when ``name`` is the family."""
+    if name == family:
+        return list(charts)
+    old, new = f"landscape/{family}/", f"landscape/{name}/"
+    return [
+        Chart(f"{c.title} ({name})", tuple(t.replace(old, new) for t in c.tags), c.kind)
+        for c in charts
+    ]
 
 
 def _unique(charts: Sequence[Chart]) -> tuple[Chart, ...]:

@@ -26,11 +26,7 @@ The state shared by the callbacks of one fit (probes, solves, warm starts) is cr
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import re
 import time
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -38,119 +34,30 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_landscape import panels
-from lightning_landscape.callbacks import probing
+from lightning_landscape.callbacks import probing, reporting
 from lightning_landscape.callbacks.cadence import Cadence
-from lightning_landscape.callbacks.failures import Decision, FailurePolicy, local_flags
+from lightning_landscape.callbacks.checks import check_name, positive_int, run_length, sync
+from lightning_landscape.callbacks.context import MeasureContext
+from lightning_landscape.callbacks.failures import (
+    FailurePolicy,
+    collective_decision,
+    free_memory,
+    halved_probe,
+)
 from lightning_landscape.callbacks.shared import (
     SolveRequest,
     close_run,
-    module_loss,
     open_run,
     shared_state,
 )
-from lightning_landscape.measures.eigen import EigenEstimate
-from lightning_landscape.measures.guard import BNMode, guard
-from lightning_landscape.measures.operators import ProbeHessian
-from lightning_landscape.measures.probe import Probe, cat_batches
+from lightning_landscape.measures.guard import BNMode
+from lightning_landscape.measures.probe import Probe
 
 __all__ = ["MeasureContext", "MeasurementCallback"]
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-_NAME = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
-
-
-def _check_name(name: Any) -> None:
-    if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
-        raise ValueError(
-            "`name` must be None or a non-empty tag segment of letters, digits, '_', '.', '-' "
-            f"(and inner '/'), got {name!r}"
-        )
-
-
-def _run_length(trainer: pl.Trainer) -> int | None:
-    """``trainer.estimated_stepping_batches`` when finite (``None``: unknown)."""
-    try:
-        total = trainer.estimated_stepping_batches
-    except Exception:  # e.g. an iterable dataset without a length and no max_steps
-        return None
-    return int(total) if isinstance(total, (int, float)) and total < float("inf") else None
-
-
-def _halved(probe: Probe) -> Probe:
-    """The same samples in batches of half the size (an out-of-memory retry)."""
-    size = max(1, max(probe.sizes) // 2)
-    return Probe.from_samples(cat_batches(probe.batches), batch_size=size)
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-class MeasureContext:
-    """What a measurement sees: the module, its probe operator, the optimizer, the shared solve."""
-
-    def __init__(
-        self, callback: MeasurementCallback, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> None:
-        self.callback = callback
-        self.trainer = trainer
-        self.pl_module = pl_module
-        self.step = trainer.global_step
-        self.probe = callback.probe
-        self.loss_fn = module_loss(pl_module)
-        self._operators: dict[tuple[str, ...] | None, ProbeHessian] = {}
-        # seconds to take off this callback's own bill: a shared solve is charged in equal
-        # shares to every callback it was computed for, whoever happened to compute it
-        self.cost_adjustment = 0.0
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        opts = self.trainer.optimizers
-        return opts[0] if opts else None
-
-    def operator(self, params: list[str] | None = None) -> ProbeHessian:
-        """The probe Hessian over all trainable parameters, or over the named ones."""
-        key = None if params is None else tuple(params)
-        if key not in self._operators:
-            assert self.probe is not None
-            self._operators[key] = ProbeHessian(
-                self.pl_module, self.probe, self.loss_fn, params=params
-            )
-        return self._operators[key]
-
-    def top_k(self, request: SolveRequest) -> EigenEstimate:
-        """The shared top-k solve of the full probe Hessian at this step."""
-        cb = self.callback
-        requests = [request]
-        for peer in self.trainer.callbacks:  # type: ignore[attr-defined]
-            if (
-                peer is not cb
-                and isinstance(peer, MeasurementCallback)
-                and peer.solve_key == cb.solve_key
-                and peer.solve_request() is not None
-                and peer.is_due(self.trainer, self.step)
-            ):
-                requests.append(peer.solve_request())  # type: ignore[arg-type]
-        shared = shared_state(self.trainer)
-        solve, computed = shared.top_k(cb.solve_key, self.step, self.operator(), requests, cb.seed)
-        self.cost_adjustment += solve.share - (solve.seconds if computed else 0.0)
-        return solve.estimate
 
 
 class MeasurementCallback(Callback):
@@ -180,10 +87,10 @@ class MeasurementCallback(Callback):
         strict: bool = False,
         min_points: int = 16,
     ) -> None:
-        _check_name(name)
+        check_name(name)
         if probe_size != "auto":
-            _positive_int("probe_size", probe_size)
-        _positive_int("probe_batch_size", probe_batch_size)
+            positive_int("probe_size", probe_size)
+        positive_int("probe_batch_size", probe_batch_size)
         if bn not in ("eval", "batch"):
             raise ValueError(f"`bn` must be 'eval' or 'batch', got {bn!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -261,16 +168,7 @@ class MeasurementCallback(Callback):
 
     def instance_charts(self) -> list[panels.Chart]:
         """:meth:`charts` with tags and titles of this instance (``name`` ≠ family)."""
-        charts = self.charts()
-        if self.name == self.family:
-            return charts
-        old, new = f"landscape/{self.family}/", f"landscape/{self.name}/"
-        return [
-            panels.Chart(
-                f"{c.title} ({self.name})", tuple(t.replace(old, new) for t in c.tags), c.kind
-            )
-            for c in charts
-        ]
+        return panels.renamed(self.charts(), self.family, self.name)
 
     @property
     def probe_key(self) -> tuple[Any, ...]:
@@ -309,7 +207,7 @@ class MeasurementCallback(Callback):
                 due, nxt = self.cadence.decide(step, busy=shared_state(trainer).busy)
                 due, nxt = trainer.strategy.broadcast((due, nxt), src=0)
                 self.cadence.next_check = nxt
-                self._check_plan(trainer)
+                reporting.check_plan(self)
             else:
                 due = True
         self._decision = (step, due)
@@ -356,10 +254,10 @@ class MeasurementCallback(Callback):
             # measured, so each budget counts the same wall time (a shared solve is charged to
             # several) and knows the run's length
             shared.busy = 0.0
-            total = _run_length(trainer)
+            total = run_length(trainer)
             for cb in peers:
                 cb.cadence.start(trainer.global_step, total_steps=total)
-        self.probe = self._start_probe(trainer, pl_module)
+        self.probe = probing.start_probe(self, trainer, pl_module)
         if self._shared_warm is not None:  # a resumed owner hands its warm start over
             for key_name, vector in self._shared_warm.items():
                 if key_name == "solve":
@@ -371,73 +269,13 @@ class MeasurementCallback(Callback):
         if trainer.global_step == 0 and self.measure_at_start and self.probe is not None:
             self._decision = (0, True)
             self._measure(trainer, pl_module)
-            self._announce_plan(trainer)
+            reporting.announce_plan(self, trainer)
         self._last_step = trainer.global_step
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active(trainer) or not self.cadence.points:
-            return
-        share = self.seconds / max(time.perf_counter() - (self.cadence.start_time or 0.0), 1e-9)
-        self.run_summary = {
-            "points": self.cadence.points,
-            "skipped": self.skipped,
-            "seconds": self.seconds,
-            "share": share,
-        }
-        rank_zero_info(
-            f"{self._owner_name()}: measured {self.cadence.points} times "
-            f"({self.skipped} skipped) in {self.seconds:.1f} s, {100 * share:.1f}% of the "
-            "training wall time."
-        )
-
-    def _announce_plan(self, trainer: pl.Trainer) -> None:
-        """One info line at the first measurement: probe, expected points, expected share."""
-        c = self.cadence
-        size = self.probe.num_samples * trainer.world_size if self.probe is not None else 0
-        points = c.expected_points()
-        self.plan_summary = {
-            "probe_size": size,
-            "auto": self.probe_size == "auto",
-            "expected_points": points,
-            "max_overhead": c.max_overhead,
-            "total_steps": c.total_steps,
-        }
-        if c.every_n_steps is not None or c.schedule is not None:
-            how = "on the steps you scheduled"
-        elif c.planned:
-            how = (
-                f"~{c.min_points}+ points planned over {c.total_steps} steps (the plan is set "
-                "from measured costs)"
-            )
-        else:
-            how = "as often as the budget allows (run length unknown)"
-        f = c.max_overhead
-        budget = f" at ≤{100 * f:g}% of the time" if f is not None else ""
-        rank_zero_info(
-            f"{self._owner_name()}: probe of {size} samples"
-            f"{' (auto)' if self.probe_size == 'auto' else ''}, measuring {how}{budget}."
-        )
-
-    def _check_plan(self, trainer: pl.Trainer) -> None:
-        """Warn once if fewer than ``min_points`` fit: when the steady-state cost is known
-        (third point), or earlier when the plan already gives no further point."""
-        c = self.cadence
-        if not c.planned or "_plan_checked" in self._warned or c.planned_points is None:
-            return
-        if c.points < 3 and c.planned_points > c.points:
-            return
-        self._warned.add("_plan_checked")
-        points = c.expected_points()
-        self.plan_summary["expected_points"] = points
-        if points is not None and points < c.min_points:
-            assert c.max_overhead is not None
-            self.warn_once(
-                f"{self._owner_name()} will measure ~{points} times in this run at "
-                f"{100 * c.max_overhead:g}% of its time (fewer than min_points={c.min_points}); "
-                "raise `max_overhead` or set `every_n_steps`"
-                + (", or lower `probe_size`." if self.probe_size != "auto" else ".")
-            )
+        if self._active(trainer) and self.cadence.points:
+            reporting.report_run(self)
 
     @override
     def on_train_batch_end(
@@ -456,122 +294,43 @@ class MeasurementCallback(Callback):
             self._measure(trainer, pl_module)
 
     # -- measuring ---------------------------------------------------------------------------
-    def _collective(self, trainer: pl.Trainer, device: torch.device, error: Exception | None):  # type: ignore[no-untyped-def]
-        """Every rank's failure flags, max-reduced: the same :class:`Decision` everywhere."""
-        flags = torch.tensor(local_flags(error), dtype=torch.float64)
-        if trainer.world_size > 1:
-            reduced = trainer.strategy.reduce(flags.to(device), reduce_op="max")
-            flags = torch.as_tensor(reduced).detach().cpu()
-        failed, oom, code = (float(x) for x in flags.tolist())
-        return Decision(failed > 0, oom > 0, int(code))
-
-    def _start_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Probe | None:
-        """Capture the probe; a failure (not a bad argument) disables this callback, collectively."""
-        probe, error = None, None
-        try:
-            probe = self._capture_probe(trainer, pl_module)
-        except ValueError:
-            raise  # a bad argument (probe_size < world size): the user's to fix
-        except Exception as err:
-            if self.strict:
-                raise
-            error = err
-        decision = self._collective(trainer, pl_module.device, error)
-        if decision.failed:
-            self.failures.disabled = True
-            if error is not None or trainer.is_global_zero:
-                warnings.warn(
-                    f"{self._owner_name()}: could not capture the probe "
-                    f"({type(error).__name__ if error else 'on another process'}: {error or ''}); "
-                    "it measures nothing in this run. Training goes on.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            return None
-        return probe
-
-    def _capture_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Probe:
-        shared = shared_state(trainer)
-        if self.probe_key in shared.probes:
-            return shared.probes[self.probe_key]
-        start = time.perf_counter()
-        if self.probe_size == "auto":
-            full = probing.capture(self, trainer, pl_module, probing.AUTO_MAX)
-            size = probing.auto_size(self, trainer, pl_module, full)
-            probe = probing.cut(
-                full, size, trainer.world_size, trainer.global_rank, self.probe_batch_size
-            )
-        else:
-            probe = probing.capture(self, trainer, pl_module, self.probe_size)
-        shared.probes[self.probe_key] = probe
-        self._capture_seconds = time.perf_counter() - start  # charged to the first measurement
-        shared.busy += self._capture_seconds  # not training time
-        return probe
-
-    def _attempt(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: MeasureContext
-    ) -> tuple[dict[str, float] | None, Exception | None]:
-        """One try of :meth:`measure` in the guard: ``(metrics, None)`` or ``(None, error)``."""
-        try:
-            with guard(
-                pl_module,
-                bn=self.bn,
-                dropout=self.dropout,
-                seed=self.seed,
-                pauses=self._pauses(trainer),
-            ):
-                return self.measure(ctx), None
-        except Exception as err:
-            if self.strict:
-                raise
-            return None, err
-        finally:
-            for op in ctx._operators.values():
-                op.release()
-
-    def _pauses(self, trainer: pl.Trainer) -> list[contextlib.AbstractContextManager[Any]]:
-        return [
-            cb.paused()
-            for cb in trainer.callbacks  # type: ignore[attr-defined]
-            if cb is not self and callable(getattr(cb, "paused", None))
-        ]
-
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.failures.disabled or self.probe is None:
             return
         device = pl_module.device
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         ctx = MeasureContext(self, trainer, pl_module)
-        metrics, error = self._attempt(trainer, pl_module, ctx)
-        decision = self._collective(trainer, device, error)
+        metrics, error = ctx.run()
+        decision = collective_decision(trainer, device, error)
         if decision.failed and decision.out_of_memory and max(self.probe.sizes) > 1:
             # free what the failed try held, then once more with half-size probe batches
             del ctx
             metrics = error = None
-            _free_memory(device)
-            self.probe = _halved(self.probe)
+            free_memory(device)
+            self.probe = halved_probe(self.probe)
             shared_state(trainer).probes[self.probe_key] = self.probe
             self.warn_once(
                 f"{self._owner_name()}: a measurement ran out of memory; probe batches are "
                 f"halved to {max(self.probe.sizes)} samples for the rest of the run."
             )
             ctx = MeasureContext(self, trainer, pl_module)
-            metrics, error = self._attempt(trainer, pl_module, ctx)
-            decision = self._collective(trainer, device, error)
+            metrics, error = ctx.run()
+            decision = collective_decision(trainer, device, error)
         if decision.failed or metrics is None:
             self.failures.failed(
                 decision, error, announce=error is not None or trainer.is_global_zero
             )
             metrics = {"skipped": float(self.failures.skipped)}
             if error is not None and decision.out_of_memory:
-                _free_memory(device)
+                free_memory(device)
         else:
             self.failures.succeeded()
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - start
         shared_state(trainer).busy += wall
         cost = max(wall + ctx.cost_adjustment, 0.0) + self._capture_seconds
+        self._capture_seconds = 0.0
         if not metrics and not self.logs_without_scalars:
             # nothing could be measured yet (e.g. no optimizer state): not a point of the plan;
             # look again soon, backing off (1, 2, 4, … steps) while it stays so
@@ -580,12 +339,11 @@ class MeasurementCallback(Callback):
             self.cadence.next_check = trainer.global_step + 2 ** min(self._empty_streak - 1, 10)
             return
         self._empty_streak = 0
-        self._capture_seconds = 0.0
         self.cadence.record(cost)
         if self.cadence.planned:  # rank 0 re-plans from the new cost, every rank follows
             nxt = self.cadence.replan(trainer.global_step)
             self.cadence.next_check = int(trainer.strategy.broadcast(nxt, src=0))
-        self._check_plan(trainer)
+        reporting.check_plan(self)
         self.seconds += cost
         self._log(trainer, pl_module, metrics)
 

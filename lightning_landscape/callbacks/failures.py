@@ -20,14 +20,27 @@ reduction, see :class:`~lightning_landscape.measures.operators.ProbeHessian`).
 
 from __future__ import annotations
 
+import gc
 import re
 import warnings
 import zlib
 from dataclasses import dataclass
 
+import lightning.pytorch as pl
 import torch
 
-__all__ = ["Decision", "FailurePolicy", "cause_of", "hint_for", "is_out_of_memory"]
+from lightning_landscape.measures.probe import Probe
+
+__all__ = [
+    "Decision",
+    "FailurePolicy",
+    "cause_of",
+    "collective_decision",
+    "free_memory",
+    "halved_probe",
+    "hint_for",
+    "is_out_of_memory",
+]
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
@@ -157,3 +170,27 @@ class FailurePolicy:
                 UserWarning,
                 stacklevel=3,
             )
+
+
+def collective_decision(
+    trainer: pl.Trainer, device: torch.device, error: BaseException | None
+) -> Decision:
+    """Every rank's failure flags, max-reduced: the same :class:`Decision` everywhere."""
+    flags = torch.tensor(local_flags(error), dtype=torch.float64)
+    if trainer.world_size > 1:
+        reduced = trainer.strategy.reduce(flags.to(device), reduce_op="max")
+        flags = torch.as_tensor(reduced).detach().cpu()
+    failed, oom, code = (float(x) for x in flags.tolist())
+    return Decision(failed > 0, oom > 0, int(code))
+
+
+def halved_probe(probe: Probe) -> Probe:
+    """The same samples in batches of half the size (the out-of-memory retry)."""
+    return probe.rebatched(max(1, max(probe.sizes) // 2))
+
+
+def free_memory(device: torch.device) -> None:
+    """Let go of what a failed measurement held (and, on CUDA, of the cached blocks)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DistributedSampler
 
+from lightning_landscape.callbacks.context import pauses
+from lightning_landscape.callbacks.failures import collective_decision
 from lightning_landscape.callbacks.plan import affordable_points, budget_seconds
 from lightning_landscape.callbacks.shared import module_loss, shared_state
 from lightning_landscape.measures.guard import guard, preserved_rng
@@ -41,7 +44,16 @@ from lightning_landscape.measures.probe import Probe, cat_batches, index_batch, 
 if TYPE_CHECKING:
     from lightning_landscape.callbacks.base import MeasurementCallback
 
-__all__ = ["AUTO_MAX", "Calibration", "capture", "choose_size", "calibrate", "cut"]
+__all__ = [
+    "AUTO_MAX",
+    "Calibration",
+    "calibrate",
+    "capture",
+    "choose_size",
+    "cut",
+    "shared_probe",
+    "start_probe",
+]
 
 #: The largest automatic probe (global samples).
 AUTO_MAX = 1024
@@ -152,7 +164,7 @@ def calibrate(
         op.release()
         return times[0], times[1], times[2]
 
-    with guard(pl_module, bn=cb.bn, dropout=cb.dropout, seed=cb.seed, pauses=cb._pauses(trainer)):
+    with guard(pl_module, bn=cb.bn, dropout=cb.dropout, seed=cb.seed, pauses=pauses(trainer, cb)):
         loss = module_loss(pl_module)
         first = probe.batches[0]
         big = ProbeHessian(pl_module, Probe([first], [n]), loss)
@@ -241,3 +253,52 @@ def auto_size(
     for p in peers:
         p.auto_size = size
     return size
+
+
+def start_probe(
+    cb: MeasurementCallback, trainer: pl.Trainer, pl_module: pl.LightningModule
+) -> Probe | None:
+    """``cb``'s probe for this fit; a failure (not a bad argument) disables ``cb``, collectively."""
+    probe, error = None, None
+    try:
+        probe = shared_probe(cb, trainer, pl_module)
+    except ValueError:
+        raise  # a bad argument (probe_size < world size): the user's to fix
+    except Exception as err:
+        if cb.strict:
+            raise
+        error = err
+    decision = collective_decision(trainer, pl_module.device, error)
+    if decision.failed:
+        cb.failures.disabled = True
+        if error is not None or trainer.is_global_zero:
+            warnings.warn(
+                f"{cb._owner_name()}: could not capture the probe "
+                f"({type(error).__name__ if error else 'on another process'}: {error or ''}); "
+                "it measures nothing in this run. Training goes on.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return None
+    return probe
+
+
+def shared_probe(
+    cb: MeasurementCallback, trainer: pl.Trainer, pl_module: pl.LightningModule
+) -> Probe:
+    """The run's probe for ``cb``'s probe options, captured (and sized) on first use; the
+    capture time is charged to ``cb``'s first measurement and is not training time."""
+    shared = shared_state(trainer)
+    if cb.probe_key in shared.probes:
+        return shared.probes[cb.probe_key]
+    start = time.perf_counter()
+    if cb.probe_size == "auto":
+        full = capture(cb, trainer, pl_module, AUTO_MAX)
+        size = auto_size(cb, trainer, pl_module, full)
+        probe = cut(full, size, trainer.world_size, trainer.global_rank, cb.probe_batch_size)
+    else:
+        probe = capture(cb, trainer, pl_module, cb.probe_size)
+    shared.probes[cb.probe_key] = probe
+    cb._capture_seconds = time.perf_counter() - start
+    shared.busy += cb._capture_seconds
+    return probe
