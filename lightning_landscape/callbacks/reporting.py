@@ -46,8 +46,8 @@ def announce_plan(cb: MeasurementCallback, trainer: pl.Trainer) -> None:
         how = "on the steps you scheduled"
     elif c.planned:
         how = (
-            f"~{c.min_points}+ points planned over {c.total_steps} steps (the plan is set "
-            "from measured costs)"
+            f"on a plan over {c.total_steps} steps made from the measured costs (target "
+            f"≥ {c.min_points} points)"
         )
     else:
         how = "as often as the budget allows (run length unknown)"
@@ -73,7 +73,7 @@ def check_plan(cb: MeasurementCallback) -> None:
     if points is not None and points < c.min_points:
         assert c.max_overhead is not None
         cb.warn_once(
-            f"{cb._owner_name()} will measure ~{points} times in this run at "
+            f"{cb._owner_name()} will measure ~{points} time(s) in this run at "
             f"{100 * c.max_overhead:g}% of its time (fewer than min_points={c.min_points}); "
             "raise `max_overhead` or set `every_n_steps`"
             + (", or lower `probe_size`." if cb.probe_size != "auto" else ".")
