@@ -95,7 +95,7 @@ class Trainer:
     """One optimizer on one problem; ``step()`` takes one training step."""
 
     def __init__(self, prob: Problem, kind: str, lr: float, damping: float | None,
-                 fisher: str, seed: int, compute_dtype: torch.dtype | None = None) -> None:  # fmt: skip
+                 fisher: str, seed: int, **kfac: Any) -> None:  # fmt: skip
         self.prob, self.model = prob, prob["make"](seed)
         params = self.model.parameters()
         self.opt: torch.optim.Optimizer = (
@@ -104,9 +104,8 @@ class Trainer:
         )  # fmt: skip
         self.pre = None
         if kind.startswith("K-FAC"):
-            kw = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
             self.pre = KFACPreconditioner(self.model, optimizer=self.opt, damping=damping,
-                                          factor_update_every=10, inverse_update_every=100, **kw)  # fmt: skip
+                                          factor_update_every=10, inverse_update_every=100, **kfac)  # fmt: skip
         self.sampled = fisher == "sampled"
         self.gen = torch.Generator().manual_seed(seed)
         self.order: list[torch.Tensor] = []

@@ -10,7 +10,8 @@ gives them the torch.optim conventions in one place:
 - the state of float16/bfloat16 parameters is kept in float32 (:func:`state_dtype`), also across
   ``load_state_dict``, which torch would otherwise cast to the parameter's dtype;
 - ``foreach=None`` selects the ``torch._foreach_*`` path when every parameter of the group is on
-  a CUDA device, the readable single-tensor path otherwise.
+  a CUDA device, the readable single-tensor path otherwise (RSG and ARSG: also on CPU, where
+  their foreach path runs over cache-sized buckets, :func:`cache_blocks`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "check_betas",
     "check_nonneg",
     "check_positive",
+    "cache_blocks",
     "group_by_device_and_dtype",
     "state_dtype",
 ]
@@ -91,6 +93,49 @@ def group_by_device_and_dtype(
     return list(buckets.values())
 
 
+CACHE_BLOCK = 1 << 18  # elements per block: ~1 MB of float32 per tensor, 5 tensors in L2/L3
+
+
+def cache_blocks(
+    lists: list[list[torch.Tensor]], block: int = CACHE_BLOCK
+) -> list[tuple[list[int], list[list[torch.Tensor]]]]:
+    """Parallel tensor lists cut into buckets of about ``block`` elements, for CPU foreach steps.
+
+    On CPU a ``torch._foreach_*`` op is a loop over its tensors, so a step of ``k`` ops streams
+    every state tensor through memory ``k`` times; running the ops bucket by bucket keeps a
+    bucket's slices of parameter, gradient and state in cache between ops. A tensor whose
+    parallel tensors are all contiguous is cut into flat views of ``block`` elements (element
+    ``i`` of every list gets the same slice); small tensors are gathered whole. Elementwise
+    steps give the same bits either way (every element sees the same operations).
+
+    Returns:
+        ``[(indices, lists)]``: per bucket the index into the input lists of each entry, and
+        the parallel lists of views.
+    """
+    out: list[tuple[list[int], list[list[torch.Tensor]]]] = []
+    idx: list[int] = []
+    cur: list[list[torch.Tensor]] = [[] for _ in lists]
+    size = 0
+    for i, ts in enumerate(zip(*lists)):
+        n = ts[0].numel()
+        if n > block and all(t.is_contiguous() and t.numel() == n for t in ts):
+            flat = [t.view(-1) for t in ts]
+            pieces = [[f[s : s + block] for f in flat] for s in range(0, n, block)]
+        else:
+            pieces = [list(ts)]
+        for piece in pieces:
+            idx.append(i)
+            for c, t in zip(cur, piece):
+                c.append(t)
+            size += piece[0].numel()
+            if size >= block:
+                out.append((idx, cur))
+                idx, cur, size = [], [[] for _ in lists], 0
+    if idx:
+        out.append((idx, cur))
+    return out
+
+
 class LandscapeOptimizer(torch.optim.Optimizer):
     """Base class: per-group validation, closure, low-precision state and foreach dispatch.
 
@@ -98,6 +143,10 @@ class LandscapeOptimizer(torch.optim.Optimizer):
     :meth:`_init_state` (create the state of one parameter) and :meth:`_update` (one step of
     one param group, given the parameters that have a gradient).
     """
+
+    #: ``foreach=None`` also picks the foreach path on CPU (one whose CPU foreach path runs over
+    #: :func:`cache_blocks` buckets: faster than its single-tensor path, with the same bits)
+    _foreach_on_cpu = False
 
     def __init__(
         self, params: Iterable[Any], defaults: dict[str, Any], *, foreach: bool | None
@@ -189,6 +238,9 @@ class LandscapeOptimizer(torch.optim.Optimizer):
                 states.append(self.state[p])
             foreach = group["foreach"]
             if foreach is None:
-                foreach = all(p.is_cuda for p in params) and not torch.jit.is_scripting()
+                on_cpu = self._foreach_on_cpu and all(p.device.type == "cpu" for p in params)
+                foreach = (
+                    on_cpu or all(p.is_cuda for p in params)
+                ) and not torch.jit.is_scripting()
             self._update(group, params, grads, states, bool(foreach))
         return loss

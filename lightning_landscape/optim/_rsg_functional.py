@@ -3,7 +3,10 @@
 Both paths run the same operations in the same order, so on CPU (where the foreach ops loop
 over the tensors) they agree bit for bit. ``p.grad`` is only read: the gradient plus L2 weight
 decay is a new tensor. With ``maximize`` the gradient is negated first and the decay added
-after (torch's convention): maximising ``f`` is then minimising ``−f`` bit for bit.
+after (torch's convention): maximising ``f`` is then minimising ``−f`` bit for bit. On CPU the
+foreach path runs its ops over cache-sized buckets of tensor slices
+(:func:`~lightning_landscape.optim._base.cache_blocks`) instead of streaming every state tensor
+through memory once per op (same bits: every element sees the same operations).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ._base import group_by_device_and_dtype
+from ._base import cache_blocks, group_by_device_and_dtype
 
 __all__ = ["arsg_multi", "arsg_single", "rsg_multi", "rsg_single"]
 
@@ -72,15 +75,23 @@ def rsg_multi(
     maximize: bool = False,
 ) -> None:
     """The foreach version of :func:`rsg_single`."""
-    for ps, gs_raw, sts in group_by_device_and_dtype(params, grads, states):
-        ms = [s["exp_avg"] for s in sts]
-        gs = _grads(gs_raw, ps, ms[0].dtype, weight_decay, maximize)
+    for ps_all, gs_all, sts in group_by_device_and_dtype(params, grads, states):
         for s in sts:
             s["step"] += 1
-        torch._foreach_lerp_(ms, gs, 1.0 - beta)
-        torch._foreach_add_(ps, ms, alpha=-lr * (1.0 - observation))
-        if observation != 0.0:
-            torch._foreach_add_(ps, gs, alpha=-lr * observation)
+        ms_all = [s["exp_avg"] for s in sts]
+        for _, (ps, gs_raw, ms) in _buckets([ps_all, gs_all, ms_all]):
+            gs = _grads(gs_raw, ps, ms[0].dtype, weight_decay, maximize)
+            torch._foreach_lerp_(ms, gs, 1.0 - beta)
+            torch._foreach_add_(ps, ms, alpha=-lr * (1.0 - observation))
+            if observation != 0.0:
+                torch._foreach_add_(ps, gs, alpha=-lr * observation)
+
+
+def _buckets(lists: list[list[torch.Tensor]]) -> list[tuple[list[int], list[list[torch.Tensor]]]]:
+    """:func:`cache_blocks` on CPU; one bucket of the whole lists elsewhere (fused kernels)."""
+    if lists[0][0].device.type == "cpu":
+        return cache_blocks(lists)
+    return [(list(range(len(lists[0]))), lists)]
 
 
 def arsg_single(
@@ -137,26 +148,29 @@ def arsg_multi(
     maximize: bool = False,
 ) -> None:
     """The foreach version of :func:`arsg_single`."""
-    for ps, gs_raw, sts in group_by_device_and_dtype(params, grads, states):
-        ms = [s["exp_avg"] for s in sts]
-        vs = [s["exp_avg_sq"] for s in sts]
-        gs = _grads(gs_raw, ps, ms[0].dtype, weight_decay, maximize)
+    for ps_all, gs_all, sts in group_by_device_and_dtype(params, grads, states):
         for s in sts:
             s["step"] += 1
-        torch._foreach_lerp_(ms, gs, 1.0 - beta1)  # one pass over m (mul_ + add_ take two)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+        lists = [ps_all, gs_all, [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts]]
         if amsgrad:
-            vmax = [s["max_exp_avg_sq"] for s in sts]
-            torch._foreach_maximum_(vmax, vs)
-            denoms = torch._foreach_sqrt(vmax)
-            m_coefs = [-lr * (1.0 - observation)] * len(ps)
-        else:
-            steps = [s["step"] for s in sts]
-            denoms = torch._foreach_sqrt(vs)
-            torch._foreach_div_(denoms, [math.sqrt(1.0 - beta2**t) for t in steps])
-            torch._foreach_add_(denoms, eps)
-            m_coefs = [-lr * (1.0 - observation) / (1.0 - beta1**t) for t in steps]
-        torch._foreach_addcdiv_(ps, ms, denoms, m_coefs)
-        if observation != 0.0:
-            torch._foreach_addcdiv_(ps, gs, denoms, value=-lr * observation)
+            lists.append([s["max_exp_avg_sq"] for s in sts])
+        steps_all = [s["step"] for s in sts]
+        for index, bucket in _buckets(lists):  # on CPU: a cache-sized bucket at a time
+            ps, gs_raw, ms, vs = bucket[:4]
+            gs = _grads(gs_raw, ps, ms[0].dtype, weight_decay, maximize)
+            torch._foreach_lerp_(ms, gs, 1.0 - beta1)  # one pass over m (mul_ + add_ take two)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+            if amsgrad:
+                torch._foreach_maximum_(bucket[4], vs)
+                denoms = torch._foreach_sqrt(bucket[4])
+                m_coefs = [-lr * (1.0 - observation)] * len(ps)
+            else:
+                steps = [steps_all[i] for i in index]
+                denoms = torch._foreach_sqrt(vs)
+                torch._foreach_div_(denoms, [math.sqrt(1.0 - beta2**t) for t in steps])
+                torch._foreach_add_(denoms, eps)
+                m_coefs = [-lr * (1.0 - observation) / (1.0 - beta1**t) for t in steps]
+            torch._foreach_addcdiv_(ps, ms, denoms, m_coefs)
+            if observation != 0.0:
+                torch._foreach_addcdiv_(ps, gs, denoms, value=-lr * observation)

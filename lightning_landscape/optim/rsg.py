@@ -66,7 +66,8 @@ class RSG(LandscapeOptimizer):
         observation: Observation factor ``μ`` in ``[0, 1]``.
         weight_decay: L2 weight decay ``wd >= 0``, added to the gradient.
         foreach: ``True``/``False`` force the ``torch._foreach_*`` / single-tensor path;
-            ``None``: foreach when all parameters of a group are on CUDA.
+            ``None``: foreach when all parameters of a group are on CUDA or all on CPU (there
+            it runs over cache-sized buckets: ~0.6× the single-tensor step, same bits).
         maximize: Maximise the objective (``g ← −∇L(θ) + wd·θ``).
 
     Raises:
@@ -82,6 +83,8 @@ class RSG(LandscapeOptimizer):
         >>> [round(float(x), 12) for x in w.detach()]
         [-0.55, -0.55]
     """
+
+    _foreach_on_cpu = True  # bucketed foreach on CPU (see _base.cache_blocks)
 
     def __init__(
         self,
@@ -179,7 +182,8 @@ class ARSG(LandscapeOptimizer):
         weight_decay: L2 weight decay ``wd >= 0``, added to the gradient.
         amsgrad: ``True`` for the paper's AMSGrad mode, ``False`` for the Adam mode.
         foreach: ``True``/``False`` force the ``torch._foreach_*`` / single-tensor path;
-            ``None``: foreach when all parameters of a group are on CUDA.
+            ``None``: foreach when all parameters of a group are on CUDA or all on CPU (there
+            it runs over cache-sized buckets: ~0.6× the single-tensor step, same bits).
         maximize: Maximise the objective (``g ← −∇L(θ) + wd·θ``).
 
     Raises:
@@ -195,6 +199,8 @@ class ARSG(LandscapeOptimizer):
         >>> round(float(w.detach()), 12)
         -0.15
     """
+
+    _foreach_on_cpu = True
 
     def __init__(
         self,

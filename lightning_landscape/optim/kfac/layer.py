@@ -33,6 +33,11 @@ from .sharing import describe, holders
 __all__ = ["KFACLayer", "select_layers", "unwrap"]
 
 
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``⟨x, y⟩`` accumulated in float32 (``torch.dot`` on bf16 is a slow scalar loop)."""
+    return torch.mul(x, y).sum(dtype=torch.float32)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
@@ -105,6 +110,7 @@ class KFACLayer:
         self.device = weight.device
         bias = getattr(module, "bias", None)
         self.params: list[torch.Tensor] = [weight] + ([bias] if bias is not None else [])
+        self._cast = self.cdtype != weight.dtype  # (refreshed by set_eigen)
         self.dim_a = weight[0].numel() + (1 if bias is not None else 0)
         self.dim_g = weight.shape[0]
         self.fired = False  # a hook fired at least once
@@ -192,9 +198,14 @@ class KFACLayer:
         # Q_A split into weight rows and the bias row; every copy contiguous, in the compute
         # dtype and in the layout its product wants (no transposed views, no per-step casts)
         bias, cd = len(self.params) > 1, self.cdtype
-        self._qa_w = (q_a[:-1] if bias else q_a).to(cd).contiguous()
+        # a compute dtype other than the gradients' (bf16): the gradient is cast anyway, so it
+        # is cast into one [∇W | ∇b] work matrix and every product is one GEMM (rank-1 bias
+        # updates and reductions are slow in bf16); otherwise no copy of the gradient at all
+        self._cast = cd != self.params[0].dtype
+        q_aw = q_a if self._cast or not bias else q_a[:-1]
+        self._qa_w = q_aw.to(cd).contiguous()
         self._qa_wt = self._qa_w.T.contiguous()
-        self._qa_b = q_a[-1].to(cd).contiguous() if bias else None
+        self._qa_b = q_a[-1].to(cd).contiguous() if bias and not self._cast else None
         self._qg = q_g.to(cd).contiguous()
         self._qg_t = self._qg.T.contiguous()
 
@@ -224,11 +235,27 @@ class KFACLayer:
             self._buffers[key] = buf
         return buf
 
+    def _cast_gradient(self) -> torch.Tensor | None:
+        """``[∇W | ∇b]`` cast into a reused work matrix of the compute dtype."""
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):
+            return None
+        m = self._buffer("m", self.dim_g, self.dim_a)
+        cols = self.dim_a - (len(grads) - 1)
+        m[:, :cols].copy_(grads[0].reshape(self.dim_g, -1))  # type: ignore[union-attr]
+        if len(grads) > 1:
+            m[:, cols].copy_(grads[1])  # type: ignore[arg-type]
+        return m
+
     def _times_a(self, right: torch.Tensor, bias_row: torch.Tensor | None) -> torch.Tensor | None:
         """``[∇W | ∇b] @ R`` for ``R = [right; bias_row]`` without concatenating the gradient."""
         weight = self.params[0]
         if weight.grad is None or (len(self.params) > 1 and self.params[1].grad is None):
             return None
+        if self._cast:  # right is the whole R
+            m = self._cast_gradient()
+            assert m is not None
+            return torch.mm(m, right, out=self._buffer("t", self.dim_g, right.shape[1]))
         w = weight.grad.reshape(self.dim_g, -1).to(self.cdtype)
         out = torch.mm(w, right, out=self._buffer("t", self.dim_g, right.shape[1]))
         if bias_row is not None:
@@ -244,11 +271,14 @@ class KFACLayer:
         """
         if mode == "pi":
             g_inv, a_inv = self._cached(damping, mode, -1.0)
-            bias_row = a_inv[-1] if len(self.params) > 1 else None
+            bias_row = a_inv[-1] if len(self.params) > 1 and not self._cast else None
             right = a_inv[:-1] if bias_row is not None else a_inv
             t = self._times_a(right, bias_row)
             if t is None:
                 return None
+            if self._cast:
+                delta = torch.mm(g_inv, t, out=self._buffer("x", self.dim_g, self.dim_a))
+                return delta, _dot(delta, self._buffers["m"])
             delta = g_inv @ t
             grad = gradient_matrix(self.module, self.cdtype)
             assert grad is not None
@@ -258,6 +288,8 @@ class KFACLayer:
             return None
         v0 = torch.mm(self._qg_t, t, out=self._buffer("v0", self.dim_g, self.dim_a))
         x = torch.mul(v0, self._cached(damping, mode, -1.0), out=self._buffer("x", *v0.shape))
+        if self._cast:
+            return x, _dot(x, v0)
         return x, torch.vdot(x.reshape(-1), v0.reshape(-1))
 
     def write(self, solved: Any, nu: float, mode: DampingMode) -> None:
@@ -268,6 +300,9 @@ class KFACLayer:
             set_gradient(self.module, solved)
             return
         left = torch.mm(self._qg, solved, out=self._buffer("left", self.dim_g, self.dim_a))
+        if self._cast:  # one GEMM into the work matrix, one cast-copy per parameter
+            set_gradient(self.module, torch.mm(left, self._qa_wt, out=self._buffers["m"]))
+            return
         weight = self.params[0]
         wg = weight.grad
         assert wg is not None
