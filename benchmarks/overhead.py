@@ -76,9 +76,9 @@ def _instrument(cb: MeasurementCallback) -> dict[str, float]:
     stats = {"measurements": 0, "hook_seconds": 0.0}
     measure = cb._measure
 
-    def counted(trainer: Any, pl_module: Any) -> None:
+    def counted(*args: Any) -> None:
         stats["measurements"] += 1
-        measure(trainer, pl_module)
+        measure(*args)
 
     cb._measure = counted  # type: ignore[method-assign]
     for name in dir(Callback):

@@ -323,11 +323,11 @@ class LandscapeCLI(LightningCLI):
             group.add_argument(option, metavar=metavar, default=argparse.SUPPRESS, help=text)
         return parser
 
-    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
-        """Lightning's own method, minus its 'will be overridden' warning (that is the point)."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden")
-            super()._add_configure_optimizers_method_to_model(subcommand)
+    def before_instantiate_classes(self) -> None:
+        """Ignore Lightning's warning that an ``optimizer:`` entry overrides the module's
+        ``configure_optimizers`` (that is what it is for): a filter that names this class."""
+        message = rf".*will be overridden by `{type(self).__name__}\.configure_optimizers`"
+        warnings.filterwarnings("ignore", message)
 
 
 def main(argv: Sequence[str] | None = None) -> LightningCLI | None:

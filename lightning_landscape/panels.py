@@ -1,7 +1,8 @@
 """TensorBoard panels: the custom-scalars "Landscape" dashboard and matplotlib figures.
 
-The only module that knows TensorBoard. Callbacks describe their charts with :class:`Chart`
-(or take :data:`FAMILY_CHARTS`) and call :func:`write_layout`; figures drawn from plain numbers
+The only module that knows TensorBoard. Callbacks' charts are generated from their metric
+declarations (:func:`family_charts` of :mod:`lightning_landscape.metrics`) and written with
+:func:`write_layout`; figures drawn from plain numbers
 (built in :mod:`lightning_landscape.figures` and re-exported here: :func:`density_figure`,
 :func:`profile_figure`, :func:`contour_figure`, :func:`curve_figure`) go out through
 :func:`log_figure`. Only global rank 0 with a ``TensorBoardLogger`` writes; otherwise every
@@ -22,7 +23,7 @@ Example::
     >>> layout = layout_proto(charts)
     >>> [c.title for c in layout.category[0].chart]
     ['Sharpness', 'Hessian top-k']
-    >>> [c.title for c in arrange([*FAMILY_CHARTS["hessian"][:1], Chart(
+    >>> [c.title for c in arrange([*family_charts(metrics.HESSIAN)[:1], Chart(
     ...     "Sharpness vs stability threshold (heldout)",
     ...     ("landscape/heldout/lambda_max", "landscape/heldout/threshold")),
     ...     Chart("Sharpness / threshold (heldout)", ("landscape/heldout/ratio",))])]
@@ -44,6 +45,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from tensorboard.plugins.custom_scalar import layout_pb2
 
+from lightning_landscape import metrics
+from lightning_landscape.checks import check_that
 from lightning_landscape.figures import (
     contour_figure,
     curve_figure,
@@ -60,6 +63,7 @@ __all__ = [
     "contour_figure",
     "curve_figure",
     "density_figure",
+    "family_charts",
     "layout_dict",
     "layout_proto",
     "log_data",
@@ -112,38 +116,33 @@ class Chart:
             )
 
 
-def _chart(title: str, *patterns: str) -> Chart:
-    return Chart(title, tuple(f"^landscape/{p}$" for p in patterns))
+def family_charts(declarations: Sequence[metrics.Metric], owner: Any = None) -> tuple[Chart, ...]:
+    """The custom-scalars charts of a family's :mod:`~lightning_landscape.metrics`
+    declarations: one chart per declared ``chart`` title (in order of first declaration), one
+    anchored regex ``^landscape/<family>/<quantity>$`` per scalar declared for it. With an
+    ``owner`` (a callback), a declaration with an ``option`` counts only if that attribute of
+    the owner is set (truthy); without one, every declaration counts.
+
+    Example::
+
+        >>> [c.title for c in family_charts(metrics.GRADIENT_FLOW)]
+        ['Gradient-flow deviation']
+        >>> family_charts(metrics.HESSIAN)[0].tags
+        ('^landscape/hessian/eig_(\\\\d+)$', '^landscape/hessian/lambda_min$')
+    """
+    tags: dict[str, list[str]] = {}
+    for m in declarations:
+        if m.chart is None or (owner is not None and m.option and not getattr(owner, m.option)):
+            continue
+        tags.setdefault(m.chart, []).append(f"^landscape/{m.family}/{metrics.pattern(m)}$")
+    return tuple(Chart(title, tuple(t)) for title, t in tags.items())
 
 
-_SV = "sample_variance"
-#: Canonical charts of each metric family of DESIGN.md §4 (anchored regexes), by family.
+#: Charts of the families whose charts take no option (``KFAC`` writes its own), generated
+#: from :mod:`lightning_landscape.metrics`; other callbacks use :func:`family_charts`.
 FAMILY_CHARTS: Mapping[str, tuple[Chart, ...]] = {
-    "sharpness": (  # already arranged (see `arrange`): ratio first, one chart per scale
-        _chart("Sharpness / threshold", "sharpness/ratio"),
-        _chart("Sharpness", "sharpness/lambda_max"),
-        _chart("Preconditioned sharpness", "sharpness/preconditioned"),
-        _chart("Stability threshold", "sharpness/threshold"),
-        _chart("Rho-sharpness", "sharpness/rho"),
-    ),
-    "hessian": (
-        _chart("Hessian top-k", r"hessian/eig_\d+"),
-        _chart("Hessian trace", "hessian/trace"),
-        _chart("Hessian top eigenvalue by layer", "hessian/(?!rmed/).+/eig_1"),
-        _chart("Hessian rmed by layer", "hessian/rmed/.+"),
-    ),
-    "gradient_flow": (
-        _chart("Gradient-flow deviation", "gradient_flow/step_gap", "gradient_flow/deviation"),
-    ),
-    _SV: (
-        _chart("Sample variance by layer", f"{_SV}/(?!last_over_first$).+"),
-        _chart("Sample variance last / first", f"{_SV}/last_over_first"),
-    ),
-    "landscape": (_chart("Loss barrier", "landscape/barrier"),),
-    "kfac": (
-        _chart("K-FAC", "kfac/kl_scale", "kfac/damping"),
-        _chart("K-FAC seconds", "kfac/factor_seconds", "kfac/inverse_seconds"),
-    ),
+    family: family_charts(metrics.declared(family))
+    for family in ("gradient_flow", "sample_variance", "landscape", "kfac")
 }
 
 
@@ -218,9 +217,7 @@ def _unique(charts: Sequence[Chart]) -> tuple[Chart, ...]:
     return tuple(seen.values())
 
 
-def _check_category(category: str) -> None:
-    if not isinstance(category, str) or not category:
-        raise ValueError(f"category must be a non-empty string, got {category!r}")
+_NONEMPTY = "a non-empty string"
 
 
 def layout_dict(charts: Sequence[Chart], category: str = CATEGORY) -> dict[str, Any]:
@@ -228,7 +225,7 @@ def layout_dict(charts: Sequence[Chart], category: str = CATEGORY) -> dict[str, 
     ["Multiline" | "Margin", [tags...]]}}`` (the charts as :func:`arrange` lays them out;
     ValueError as in
     :func:`layout_proto`)."""
-    _check_category(category)
+    check_that("category", category, isinstance(category, str) and category != "", _NONEMPTY)
     return {
         category: {
             c.title: ["Margin" if c.kind == "margin" else "Multiline", list(c.tags)]
@@ -245,7 +242,7 @@ def layout_proto(charts: Sequence[Chart], category: str = CATEGORY) -> layout_pb
     Raises:
         ValueError: If ``category`` is empty or ``charts`` holds a non-:class:`Chart`.
     """
-    _check_category(category)
+    check_that("category", category, isinstance(category, str) and category != "", _NONEMPTY)
     protos = []
     for chart in arrange(charts):
         if chart.kind == "margin":
@@ -299,7 +296,7 @@ def write_layout(trainer: Any, charts: Sequence[Chart], category: str = CATEGORY
     Raises:
         ValueError: If ``category`` is empty or ``charts`` holds a non-:class:`Chart`.
     """
-    _check_category(category)
+    check_that("category", category, isinstance(category, str) and category != "", _NONEMPTY)
     new = _unique(charts)
     writer = _writer(trainer)
     if writer is None:

@@ -352,3 +352,42 @@ def test_lightning_tips_are_silenced() -> None:
     finally:
         logger.removeHandler(handler)
     assert records == ["a real message"]
+
+
+def _instantiate(cli_class: type, optimizer: list[str]) -> list[str]:
+    """Messages of the warnings while ``cli_class`` instantiates a zoo Classifier (no run)."""
+    args = [
+        "--model=lightning_landscape.zoo.Classifier",
+        "--model.net=lightning_landscape.zoo.MLP",
+        "--model.net.in_features=64",
+        "--model.net.out_features=10",
+        "--data=lightning_landscape.zoo.DigitsDataModule",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        *optimizer,
+    ]
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        made = cli_class(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            args=args,
+        )
+    assert type(made.model.configure_optimizers()).__name__ == ("Adam" if optimizer else "SGD")
+    return [str(w.message) for w in caught]
+
+
+def test_optimizer_entry_replaces_configure_optimizers_without_the_warning() -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    overridden = "configure_optimizers` will be overridden"
+    assert not [m for m in _instantiate(cli.LandscapeCLI, ["--optimizer=Adam"]) if overridden in m]
+    # the filter names LandscapeCLI only: Lightning's own CLI still warns, and no optimizer entry
+    # leaves the module's own configure_optimizers in place
+    assert [m for m in _instantiate(LightningCLI, ["--optimizer=Adam"]) if overridden in m]
+    assert not [m for m in _instantiate(cli.LandscapeCLI, []) if overridden in m]

@@ -17,12 +17,14 @@ from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
+from lightning_landscape import metrics
 from lightning_landscape.panels import (
     FAMILY_CHARTS,
     Chart,
     arrange,
     contour_figure,
     density_figure,
+    family_charts,
     layout_dict,
     layout_proto,
     log_figure,
@@ -148,8 +150,9 @@ def test_arrange_puts_ratios_first_and_gives_each_scale_its_own_chart(tmp_path):
         ("Limits", ("^x/value$",)),
         ("Limits: threshold", ("^x/threshold$",)),
     ]
-    # the canonical charts are already arranged; margins and single-scale charts stay as is
-    assert arrange(FAMILY_CHARTS["sharpness"]) == FAMILY_CHARTS["sharpness"]
+    # arranged charts stay arranged; margins and single-scale charts stay as is
+    arranged = arrange(family_charts(metrics.SHARPNESS))
+    assert arrange(arranged) == arranged
     lone = Chart("Limits", (base + "threshold", "^x/threshold$"))
     assert arrange([MARGIN, lone]) == (MARGIN, lone)
     # a split part whose title is taken keeps the first chart of that title
@@ -346,6 +349,7 @@ def test_family_charts_select_the_metric_names_of_the_contract():
         "landscape/hessian/rmed/fc1",
         "landscape/sample_variance/fc1",
         "landscape/sample_variance/last_over_first",
+        "landscape/sample_variance/skipped",
         "landscape/gradient_flow/step_gap",
         "landscape/gradient_flow/deviation",
         "landscape/gradient_flow/window_steps",
@@ -356,33 +360,51 @@ def test_family_charts_select_the_metric_names_of_the_contract():
         "landscape/kfac/inverse_seconds",
         "other/landscape/sharpness/ratio",
     ]
-    assert set(FAMILY_CHARTS) == {
-        "sharpness",
-        "hessian",
-        "gradient_flow",
-        "sample_variance",
-        "landscape",
-        "kfac",
-    }
-    by_title = {c.title: c for charts in FAMILY_CHARTS.values() for c in charts}
-    assert len(by_title) == sum(len(charts) for charts in FAMILY_CHARTS.values())
+    # the charts of the families that take no option; Sharpness and Hessian build theirs
+    assert set(FAMILY_CHARTS) == {"gradient_flow", "sample_variance", "landscape", "kfac"}
+    every = {f: family_charts(metrics.declared(f)) for f in metrics.FAMILIES}
+    assert {f: FAMILY_CHARTS[f] for f in FAMILY_CHARTS} == {f: every[f] for f in FAMILY_CHARTS}
+    by_title = {c.title: c for charts in every.values() for c in charts}
+    assert len(by_title) == sum(len(charts) for charts in every.values())
     assert {title: _matching(chart, names) for title, chart in by_title.items()} == {
+        "Sharpness vs stability threshold": names[:3],
         "Sharpness / threshold": ["landscape/sharpness/ratio"],
-        "Sharpness": names[:1],
-        "Preconditioned sharpness": ["landscape/sharpness/preconditioned"],
-        "Stability threshold": ["landscape/sharpness/threshold"],
-        "Rho-sharpness": [],
+        "rho-sharpness": [],
         "Hessian top-k": ["landscape/hessian/eig_1", "landscape/hessian/eig_12"],
         "Hessian trace": ["landscape/hessian/trace"],
-        "Hessian top eigenvalue by layer": ["landscape/hessian/fc1/eig_1"],
-        "Hessian rmed by layer": ["landscape/hessian/rmed/fc1"],
-        "Gradient-flow deviation": names[13:15],
+        "Per-layer lambda_max": ["landscape/hessian/fc1/eig_1"],
+        "R_med by layer": ["landscape/hessian/rmed/fc1"],
+        "Gradient-flow deviation": names[14:16],
         "Sample variance by layer": ["landscape/sample_variance/fc1"],
         "Sample variance last / first": ["landscape/sample_variance/last_over_first"],
         "Loss barrier": ["landscape/landscape/barrier"],
-        "K-FAC": names[17:19],
-        "K-FAC seconds": names[19:21],
+        "K-FAC": names[18:20],
+        "K-FAC seconds": names[20:22],
     }
+    # every pattern is anchored: a lookalike name or another prefix never matches
+    assert all(t.startswith("^landscape/") and t.endswith("$") for c in by_title.values()
+               for t in c.tags)  # fmt: skip
+
+
+def test_family_charts_follow_the_options_of_the_owner():
+    from types import SimpleNamespace as NS
+
+    hessian = metrics.HESSIAN
+    plain = NS(trace=False, per_layer=False, rmed=False, density_every_n_steps=None)
+    assert [c.title for c in family_charts(hessian, plain)] == ["Hessian top-k"]
+    full = NS(trace=True, per_layer=["fc1"], rmed=True, density_every_n_steps=4)
+    assert [c.title for c in family_charts(hessian, full)] == [
+        "Hessian top-k", "Hessian trace", "Per-layer lambda_max", "R_med by layer",
+    ]  # fmt: skip
+    assert [c.title for c in family_charts(metrics.SHARPNESS, NS(rho=None))] == [
+        "Sharpness vs stability threshold", "Sharpness / threshold",
+    ]  # fmt: skip
+    assert family_charts(metrics.LANDSCAPE, NS(interpolate_from_init=False)) == ()
+    # the sharpness charts are arranged when written: ratio first, one chart per scale
+    assert [c.title for c in arrange(family_charts(metrics.SHARPNESS))] == [
+        "Sharpness / threshold", "Sharpness", "Preconditioned sharpness",
+        "Stability threshold", "rho-sharpness",
+    ]  # fmt: skip
 
 
 def test_new_figure_is_agg_without_pyplot_state():

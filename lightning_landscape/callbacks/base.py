@@ -6,9 +6,12 @@ A subclass implements :meth:`MeasurementCallback.measure` — a pure computation
 - captures the probe at ``on_train_start`` (after the sanity check; each rank its own shard of
   ``probe_size / world_size`` samples, without consuming the training RNG) and measures once at
   step 0 before the first optimizer step;
-- then measures in ``on_train_batch_end`` after the optimizer step, at the steps chosen by its
+- then measures in ``on_train_batch_end`` after the optimizer step (and at epoch or training
+  end where its schedule says so), calling ``measure(ctx, due)`` with the parts its
+  :class:`~lightning_landscape.callbacks.schedule.Schedule` makes due: by default one part on the
   :class:`~lightning_landscape.callbacks.cadence.Cadence` (``every_n_steps``, ``schedule`` or the
-  default wall-time budget ``max_overhead``);
+  default wall-time budget ``max_overhead``). The due parts of all callbacks of a run are decided
+  once per step, before any measures, with one collective at budget checks;
 - runs the measurement inside :func:`~lightning_landscape.measures.guard.guard`, so training is
   bit-identical with and without the callback;
 - never ends training: any exception while measuring is a skip with one warning per cause and a
@@ -20,8 +23,8 @@ A subclass implements :meth:`MeasurementCallback.measure` — a pure computation
   steps, and writes the TensorBoard "Landscape" layout once;
 - does nothing under ``fast_dev_run``; checkpoints its counters, cadence and warm-start vectors.
 
-The state shared by the callbacks of one fit (probes, solves, warm starts) is created in
-``setup`` and dropped in ``teardown``.
+The run-scoped state the callbacks of one fit share (probes, solves, warm starts, the due
+decision) is created in ``setup`` and dropped in ``teardown`` (:mod:`.shared`).
 """
 
 from __future__ import annotations
@@ -40,14 +43,16 @@ from typing_extensions import override
 from lightning_landscape import panels
 from lightning_landscape.callbacks import probing, reporting
 from lightning_landscape.callbacks.cadence import Cadence
-from lightning_landscape.callbacks.checks import check_name, positive_int, run_length, sync
-from lightning_landscape.callbacks.context import MeasureContext
+from lightning_landscape.callbacks.checks import run_length, sync
+from lightning_landscape.callbacks.context import MeasureContext, Pausable
 from lightning_landscape.callbacks.failures import (
     FailurePolicy,
     collective_decision,
     free_memory,
     halved_probe,
 )
+from lightning_landscape.callbacks.options import ProbeOptions
+from lightning_landscape.callbacks.schedule import Budgeted, Event, Schedule, account
 from lightning_landscape.callbacks.shared import (
     SolveRequest,
     close_run,
@@ -56,52 +61,46 @@ from lightning_landscape.callbacks.shared import (
 )
 from lightning_landscape.measures.guard import BNMode
 from lightning_landscape.measures.probe import Probe
+from lightning_landscape.metrics import Metric
 
-__all__ = ["MeasureContext", "MeasurementCallback"]
+__all__ = ["MeasureContext", "MeasurementCallback", "Pausable", "ProbeOptions", "Schedule"]
 
 
 class MeasurementCallback(Callback):
-    """Base class of the measurement callbacks (see the module docstring)."""
+    """Base class of the measurement callbacks (see the module docstring). A subclass declares its options as flat keyword arguments, hands the shared ones over as
+    ``super().__init__(ProbeOptions.pick(locals()))`` (or passes them flat), and implements
+    :meth:`measure`. Its :class:`~lightning_landscape.callbacks.schedule.Schedule` defaults to
+    one part, ``"measure"``, on the cadence plus step 0; give ``timing`` for another.
+    """
 
     family: ClassVar[str] = ""
-    #: Measure once at step 0, before the first optimizer step (subclasses with their own
-    #: schedule, such as ``LossLandscape``, turn it off).
-    measure_at_start: ClassVar[bool] = True
     #: A measurement with no scalars still produced something (figures, files): log it as a
     #: point. Otherwise an empty result means "nothing could be measured yet".
     logs_without_scalars: ClassVar[bool] = False
+    #: What this callback logs (see :mod:`lightning_landscape.metrics`); its charts follow.
+    metrics: ClassVar[tuple[Metric, ...]] = ()
 
     def __init__(
         self,
+        options: ProbeOptions | None = None,
+        /,
         *,
-        every_n_steps: int | None = None,
-        schedule: Callable[[int], bool] | None = None,
-        max_overhead: float = 0.025,
-        probe_size: int | Literal["auto"] = "auto",
-        probe_batch_size: int = 256,
-        probe_dataloader: Any = None,
-        bn: BNMode = "eval",
-        dropout: bool = False,
-        seed: int = 0,
-        name: str | None = None,
-        strict: bool = False,
-        min_points: int = 16,
+        timing: Callable[[Cadence], Schedule] | None = None,
+        **flat: Any,
     ) -> None:
-        check_name(name)
-        if probe_size != "auto":
-            positive_int("probe_size", probe_size)
-        positive_int("probe_batch_size", probe_batch_size)
-        if bn not in ("eval", "batch"):
-            raise ValueError(f"`bn` must be 'eval' or 'batch', got {bn!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}")
-        self.cadence = Cadence(
-            every_n_steps=every_n_steps,
-            schedule=schedule,
-            max_overhead=max_overhead,
-            min_points=min_points,
+        if options is None:
+            options = ProbeOptions(**flat)
+        elif flat:
+            raise TypeError(f"give `options` or keyword arguments, not both (got {sorted(flat)})")
+        self.options = options
+        self.cadence = options.cadence()
+        #: which parts are due at each event (see :mod:`~lightning_landscape.callbacks.schedule`)
+        self.timing: Schedule = (
+            timing(self.cadence)
+            if timing is not None
+            else Schedule({"measure": [Budgeted(self.cadence)]}, self.cadence)
         )
-        self.probe_size: int | Literal["auto"] = probe_size
+        self.probe_size: int | Literal["auto"] = options.probe_size
         #: the global size chosen for ``probe_size="auto"`` (``None`` until chosen)
         self.auto_size: int | None = None
         #: what the cadence planned at the first measurement, and what the run measured
@@ -109,42 +108,46 @@ class MeasurementCallback(Callback):
         self.run_summary: dict[str, Any] = {}
         self._capture_seconds = 0.0
         self._empty_streak = 0
-        self.probe_batch_size = probe_batch_size
-        self.probe_dataloader = probe_dataloader
-        self.bn: BNMode = bn
-        self.dropout = bool(dropout)
-        self.seed = seed
-        self.name: str = name if name is not None else self.family
-        self.strict = bool(strict)
+        self.probe_batch_size = options.probe_batch_size
+        self.probe_dataloader = options.probe_dataloader
+        self.bn: BNMode = options.bn
+        self.dropout = options.dropout
+        self.seed = options.seed
+        self.name: str = options.name if options.name is not None else self.family
+        self.strict = options.strict
         self.probe: Probe | None = None
         self.failures = FailurePolicy(self._owner_name(), self.tag("skipped"))
         self.vectors: dict[str, torch.Tensor] = {}
         self.last_metrics: dict[str, float] = {}
         self.seconds = 0.0
         self._last_step = -1
-        self._decision: tuple[int, bool] = (-1, False)
         self._warned: set[str] = set()
         self._shared_warm: dict[str, torch.Tensor] | None = None  # loaded, not yet handed over
 
     # -- what subclasses provide -----------------------------------------------------------
-    def measure(self, ctx: MeasureContext) -> dict[str, float]:
-        """Compute this callback's quantities at ``ctx.step`` (inside the guard)."""
+    def measure(self, ctx: MeasureContext, due: frozenset[str]) -> dict[str, float]:
+        """Compute this callback's quantities at ``ctx.step`` (inside the guard) for the
+        ``due`` parts of its schedule (``{"measure"}`` with the default schedule)."""
         raise NotImplementedError
 
+    def advance(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: frozenset[str]
+    ) -> None:
+        """After the measurement (if any) at training start and at every optimizer step: for
+        state that follows the steps rather than the measurements (e.g. windows)."""
+
     def charts(self) -> list[panels.Chart]:
-        """The custom-scalars charts this callback contributes to the dashboard."""
-        return []
+        """The custom-scalars charts this callback contributes to the dashboard (from its
+        :attr:`metrics`; a declaration with an ``option`` only when that attribute is set)."""
+        return list(panels.family_charts(self.metrics, self))
 
     def solve_request(self) -> SolveRequest | None:
         """What this callback needs from the shared top-k solve (``None``: nothing)."""
         return None
 
     def expected_products(self) -> tuple[float, float]:
-        """Hessian-vector products (or equivalent passes) of a cold and of a warm measurement.
-
-        Only sizes an automatic probe before anything was timed; the plan then uses measured
-        costs.
-        """
+        """Hessian-vector products (or equivalent passes) of a cold and of a warm measurement
+        (they only size an automatic probe before anything was timed)."""
         return 20.0, 8.0
 
     # -- identity ----------------------------------------------------------------------------
@@ -181,9 +184,8 @@ class MeasurementCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            family=self.family, name=self.name, probe_size=self.probe_size, bn=self.bn
-        )
+        key = dict(family=self.family, name=self.name, probe_size=self.probe_size, bn=self.bn)
+        return f"{type(self).__qualname__}{key!r}"  # the form of Lightning's own state keys
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -197,21 +199,14 @@ class MeasurementCallback(Callback):
         return shared_state(trainer).owners.get(self.solve_key) == id(self)
 
     # -- schedule ----------------------------------------------------------------------------
-    def is_due(self, trainer: pl.Trainer, step: int) -> bool:
-        """Whether this callback measures at ``step`` (decided once per step, same on all ranks)."""
-        if self._decision[0] == step:
-            return self._decision[1]
-        due = False
-        if self.cadence.is_check(step):
-            if self.cadence.budgeted:
-                due, nxt = self.cadence.decide(step, busy=shared_state(trainer).busy)
-                due, nxt = trainer.strategy.broadcast((due, nxt), src=0)
-                self.cadence.next_check = nxt
-                reporting.check_plan(self)
-            else:
-                due = True
-        self._decision = (step, due)
-        return due
+    def due_now(self, trainer: pl.Trainer, event: Event) -> frozenset[str]:
+        """This callback's due parts at ``event`` of the current step: at ``"start"`` and
+        ``"step"`` from the run's decision for all callbacks (:func:`.schedule.decide`, taken
+        once per step), at the other events (rule-based, identical on all ranks) its own."""
+        if event not in ("start", "step"):
+            return self.timing.local(event, trainer.global_step, trainer.current_epoch)
+        due = shared_state(trainer).due_at(trainer, self._peers(trainer), event)
+        return due.get(id(self), frozenset())
 
     @staticmethod
     def _active(trainer: pl.Trainer) -> bool:
@@ -231,7 +226,6 @@ class MeasurementCallback(Callback):
         self.probe = None
         self.failures.reset_run()
         self._last_step = -1
-        self._decision = (-1, False)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -266,15 +260,28 @@ class MeasurementCallback(Callback):
         if not shared.layout_written:
             charts = [chart for cb in peers for chart in cb.instance_charts()]
             shared.layout_written = panels.write_layout(trainer, charts) or True
-        if trainer.global_step == 0 and self.measure_at_start and self.probe is not None:
-            self._decision = (0, True)
-            self._measure(trainer, pl_module)
-            reporting.announce_plan(self, trainer)
+        due = self.due_now(trainer, "start")
+        if due and self.probe is not None:
+            self._measure(trainer, pl_module, due)
+            if self.timing.uses_cadence:
+                reporting.announce_plan(self, trainer)
         self._last_step = trainer.global_step
+        self.advance(trainer, pl_module, frozenset())
+
+    def _measure_at(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: Event) -> None:
+        if self._active(trainer) and self.probe is not None:
+            due = self.due_now(trainer, event)
+            if due:
+                self._measure(trainer, pl_module, due)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._measure_at(trainer, pl_module, "epoch_end")
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._active(trainer) and self.cadence.points:
+        self._measure_at(trainer, pl_module, "end")
+        if self._active(trainer) and self.timing.uses_cadence and self.cadence.points:
             reporting.report_run(self)
 
     @override
@@ -290,17 +297,21 @@ class MeasurementCallback(Callback):
         if not self._active(trainer) or self.probe is None or step == self._last_step:
             return  # no optimizer step happened (gradient accumulation) or nothing to do
         self._last_step = step
-        if self.is_due(trainer, step):
-            self._measure(trainer, pl_module)
+        due = self.due_now(trainer, "step")
+        if due:
+            self._measure(trainer, pl_module, due)
+        self.advance(trainer, pl_module, due)
 
     # -- measuring ---------------------------------------------------------------------------
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: frozenset[str]
+    ) -> None:
         if self.failures.disabled or self.probe is None:
             return
         device = pl_module.device
         sync(device)
         start = time.perf_counter()
-        ctx = MeasureContext(self, trainer, pl_module)
+        ctx = MeasureContext(self, trainer, pl_module, due)
         metrics, error = ctx.run()
         decision = collective_decision(trainer, device, error)
         if decision.failed and decision.out_of_memory and max(self.probe.sizes) > 1:
@@ -314,7 +325,7 @@ class MeasurementCallback(Callback):
                 f"{self._owner_name()}: a measurement ran out of memory; probe batches are "
                 f"halved to {max(self.probe.sizes)} samples for the rest of the run."
             )
-            ctx = MeasureContext(self, trainer, pl_module)
+            ctx = MeasureContext(self, trainer, pl_module, due)
             metrics, error = ctx.run()
             decision = collective_decision(trainer, device, error)
         if decision.failed or metrics is None:
@@ -331,29 +342,22 @@ class MeasurementCallback(Callback):
         shared_state(trainer).busy += wall
         cost = max(wall + ctx.cost_adjustment, 0.0) + self._capture_seconds
         self._capture_seconds = 0.0
-        if not metrics and not self.logs_without_scalars:
-            # nothing could be measured yet (e.g. no optimizer state): not a point of the plan;
-            # look again soon, backing off (1, 2, 4, … steps) while it stays so
-            self.seconds += cost
-            self._empty_streak += 1
-            self.cadence.next_check = trainer.global_step + 2 ** min(self._empty_streak - 1, 10)
-            return
-        self._empty_streak = 0
-        self.cadence.record(cost)
-        if self.cadence.planned:  # rank 0 re-plans from the new cost, every rank follows
-            nxt = self.cadence.replan(trainer.global_step)
-            self.cadence.next_check = int(trainer.strategy.broadcast(nxt, src=0))
-        reporting.check_plan(self)
+        # an empty result: nothing could be measured yet (e.g. no optimizer state)
+        empty = not metrics and not self.logs_without_scalars
         self.seconds += cost
+        account(self, trainer, cost, empty=empty)
+        if empty:
+            return
         self._log(trainer, pl_module, metrics)
 
     def _log(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]
     ) -> None:
         scalars = {self.tag(k): float(v) for k, v in metrics.items()}
-        self.last_metrics = scalars
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=trainer.global_step)
+        if scalars:  # (figures or files only: nothing for the loggers)
+            self.last_metrics = scalars
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=trainer.global_step)
         self.on_logged(trainer, pl_module, metrics)
 
     def on_logged(
@@ -370,6 +374,7 @@ class MeasurementCallback(Callback):
             "seconds": self.seconds,
             "vectors": {k: v.detach().cpu() for k, v in self.vectors.items()},
             "auto_size": self.auto_size,
+            **self.timing.state_dict(),
         }
         # the shared solve's warm start goes into the checkpoint once: with its owner
         ref = getattr(self, "_trainer", None)
@@ -383,6 +388,7 @@ class MeasurementCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.cadence.load_state_dict(state_dict.get("cadence", {}))
+        self.timing.load_state_dict(state_dict)
         self.failures.skipped = int(state_dict.get("skipped", 0))
         self.seconds = float(state_dict.get("seconds", 0.0))
         self.vectors = dict(state_dict.get("vectors", {}))

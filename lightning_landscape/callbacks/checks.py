@@ -1,32 +1,13 @@
-"""Small checks and facts the measurement callbacks share: argument validation (a
-``ValueError`` that names the argument and the value), the run's length, device sync."""
+"""Small facts the measurement callbacks share: the run's length, device sync.
+
+(Argument checks live in :mod:`lightning_landscape.checks`, shared with ``measures/``.)"""
 
 from __future__ import annotations
-
-import re
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-__all__ = ["check_name", "positive_int", "run_length", "sync"]
-
-_NAME = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
-
-
-def positive_int(name: str, value: Any) -> None:
-    """Raise unless ``value`` is an ``int`` ≥ 1 (``bool`` is not)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-
-
-def check_name(name: Any) -> None:
-    """Raise unless ``name`` is ``None`` or a tag segment (``landscape/<name>/...``)."""
-    if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
-        raise ValueError(
-            "`name` must be None or a non-empty tag segment of letters, digits, '_', '.', '-' "
-            f"(and inner '/'), got {name!r}"
-        )
+__all__ = ["run_length", "sync"]
 
 
 def run_length(trainer: pl.Trainer) -> int | None:

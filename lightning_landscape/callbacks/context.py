@@ -1,9 +1,10 @@
-"""What a measurement sees (:class:`MeasureContext`), and one try of it inside the guard."""
+"""What a measurement sees (:class:`MeasureContext`), and one try of it inside the guard;
+:class:`Pausable`, the callbacks paused for the duration."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
@@ -16,16 +17,27 @@ from lightning_landscape.measures.operators import ProbeHessian
 if TYPE_CHECKING:
     from lightning_landscape.callbacks.base import MeasurementCallback
 
-__all__ = ["MeasureContext", "pauses"]
+__all__ = ["MeasureContext", "Pausable", "pauses"]
+
+
+@runtime_checkable
+class Pausable(Protocol):
+    """A callback whose work must stop while a measurement runs (e.g. ``KFAC``: measurement
+    forwards and backwards must not reach its factors). Implement :meth:`paused`; declaring
+    the protocol as a base class (``class MyCallback(Callback, Pausable)``) documents it."""
+
+    def paused(self) -> contextlib.AbstractContextManager[Any]:
+        """A context in which the callback records nothing (re-entrant)."""
+        ...
 
 
 def pauses(trainer: pl.Trainer, caller: object) -> list[contextlib.AbstractContextManager[Any]]:
-    """``paused()`` of every other callback that has one (e.g. K-FAC: measurement forwards
-    must not reach its factors), entered by the guard for the duration."""
+    """``paused()`` of every other :class:`Pausable` callback, entered by the guard for the
+    duration of a measurement (and of a probe calibration)."""
     return [
         cb.paused()
         for cb in trainer.callbacks  # type: ignore[attr-defined]
-        if cb is not caller and callable(getattr(cb, "paused", None))
+        if cb is not caller and isinstance(cb, Pausable)
     ]
 
 
@@ -33,11 +45,17 @@ class MeasureContext:
     """What a measurement sees: the module, its probe operator, the optimizer, the shared solve."""
 
     def __init__(
-        self, callback: MeasurementCallback, trainer: pl.Trainer, pl_module: pl.LightningModule
+        self,
+        callback: MeasurementCallback,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        due: frozenset[str] = frozenset({"measure"}),
     ) -> None:
         self.callback = callback
         self.trainer = trainer
         self.pl_module = pl_module
+        #: the parts of the callback's schedule due now
+        self.due = due
         self.step = trainer.global_step
         self.probe = callback.probe
         self.loss_fn = module_loss(pl_module)
@@ -62,18 +80,20 @@ class MeasureContext:
         return self._operators[key]
 
     def top_k(self, request: SolveRequest) -> EigenEstimate:
-        """The shared top-k solve of the full probe Hessian at this step."""
+        """The shared top-k solve of the full probe Hessian at this step, computed once for
+        this callback and the peers the run's decision of this step made due (with the same
+        probe and guard options), with the largest ``k`` any of them asks for."""
         cb = self.callback
+        shared = shared_state(self.trainer)
         requests = [request]
         for peer in cb._peers(self.trainer):
+            ask = peer.solve_request() if peer is not cb else None
             if (
-                peer is not cb
+                ask is not None
                 and peer.solve_key == cb.solve_key
-                and peer.solve_request() is not None
-                and peer.is_due(self.trainer, self.step)
+                and shared.is_due(peer, self.step)
             ):
-                requests.append(peer.solve_request())  # type: ignore[arg-type]
-        shared = shared_state(self.trainer)
+                requests.append(ask)
         solve, computed = shared.top_k(cb.solve_key, self.step, self.operator(), requests, cb.seed)
         self.cost_adjustment += solve.share - (solve.seconds if computed else 0.0)
         return solve.estimate
@@ -90,7 +110,7 @@ class MeasureContext:
                 seed=cb.seed,
                 pauses=pauses(self.trainer, cb),
             ):
-                return cb.measure(self), None
+                return cb.measure(self, self.due), None
         except Exception as err:
             if cb.strict:
                 raise

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lightning_landscape import panels
 from lightning_landscape.callbacks.base import MeasureContext, MeasurementCallback
 from lightning_landscape.callbacks.optimizer_flow import effective_scale, optimizer_flow
+from lightning_landscape.callbacks.options import ProbeOptions
+from lightning_landscape.callbacks.schedule import Budgeted, Schedule, Windows
 from lightning_landscape.callbacks.shared import SolveRequest
+from lightning_landscape.checks import check_int, check_number, check_that, is_int
 from lightning_landscape.measures.flow_steps import lambda_min as bottom_eigen
 from lightning_landscape.measures.gradient_flow import (
     RK4_STABILITY,
@@ -26,20 +27,11 @@ from lightning_landscape.measures.gradient_flow import (
 from lightning_landscape.measures.guard import BNMode
 from lightning_landscape.measures.operators import PreconditionedOperator, ProbeHessian, flatten
 from lightning_landscape.measures.sharpness import lambda_max, preconditioned_lambda_max
+from lightning_landscape.metrics import GRADIENT_FLOW
 
 __all__ = ["GradientFlowDeviation", "effective_scale", "optimizer_flow"]
 
 _WINDOW = ("start", "inverse", "coupled", "decoupled")
-
-
-def _is_int(value: Any, lo: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= lo
-
-
-@dataclass
-class _Window:
-    start: int
-    times: list[float] = field(default_factory=list)
 
 
 class GradientFlowDeviation(MeasurementCallback):
@@ -114,6 +106,7 @@ class GradientFlowDeviation(MeasurementCallback):
     """
 
     family = "gradient_flow"
+    metrics = GRADIENT_FLOW
 
     def __init__(
         self,
@@ -139,42 +132,30 @@ class GradientFlowDeviation(MeasurementCallback):
         strict: bool = False,
     ) -> None:
         super().__init__(
-            every_n_steps=every_n_steps,
-            schedule=schedule,
-            max_overhead=max_overhead,
-            probe_size=probe_size,
-            probe_batch_size=probe_batch_size,
-            probe_dataloader=probe_dataloader,
-            bn=bn,
-            dropout=dropout,
-            seed=seed,
-            name=name,
-            strict=strict,
+            ProbeOptions.pick(locals()),
+            timing=lambda cadence: Schedule(
+                {"gap": [Budgeted(cadence)], "window_end": [Windows(window, window_every_n_steps)]},
+                cadence,
+            ),
         )
-        if not _is_int(window, 0):
-            raise ValueError(f"`window` must be an integer >= 0, got {window!r}")
-        if window > 0 and not _is_int(window_every_n_steps, max(window, 1)):
-            raise ValueError(
-                f"`window_every_n_steps` must be a positive integer >= `window` ({window}) "
-                f"when `window` > 0, got {window_every_n_steps!r}"
+        check_int("window", window, 0)
+        if window > 0:
+            check_that(
+                "window_every_n_steps",
+                window_every_n_steps,
+                is_int(window_every_n_steps) and window_every_n_steps >= max(window, 1),  # type: ignore[operator]
+                f"a positive integer >= `window` ({window}) when `window` > 0",
             )
         if window == 0 and window_every_n_steps is not None:
-            raise ValueError(
-                f"`window_every_n_steps` needs `window` > 0, got {window_every_n_steps!r}"
+            check_that(
+                "window_every_n_steps", window_every_n_steps, False, "None when `window` is 0"
             )
-        ok = isinstance(rk4_c, (int, float)) and not isinstance(rk4_c, bool)
-        if not (ok and 0.0 < rk4_c <= RK4_STABILITY):
-            raise ValueError(f"`rk4_c` must be a number in (0, {RK4_STABILITY}], got {rk4_c!r}")
-        ok = isinstance(rtol, (int, float)) and not isinstance(rtol, bool)
-        if rtol is not None and not (ok and 0.0 < rtol < math.inf):
-            raise ValueError(f"`rtol` must be a positive number or None, got {rtol!r}")
-        for name, value in (("max_iter", max_iter), ("max_substeps", max_substeps)):
-            if not _is_int(value, 1):
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-            raise ValueError(f"`tol` must be a positive number, got {tol!r}")
-        if not _is_int(settle_steps, 0):
-            raise ValueError(f"`settle_steps` must be an integer >= 0, got {settle_steps!r}")
+        check_number("rk4_c", rk4_c, high=RK4_STABILITY, include_high=True)
+        check_number("rtol", rtol, none=True)
+        check_int("max_iter", max_iter)
+        check_int("max_substeps", max_substeps)
+        check_number("tol", tol)
+        check_int("settle_steps", settle_steps, 0)
         self.settle_steps = settle_steps
         self.window = window
         self.window_every_n_steps = window_every_n_steps
@@ -183,13 +164,10 @@ class GradientFlowDeviation(MeasurementCallback):
         self.max_iter = max_iter
         self.tol = float(tol)
         self.max_substeps = max_substeps
-        self._window: _Window | None = None
-        self._gap_now = False
-        self._end_now = False
-
-    @override
-    def charts(self) -> list[panels.Chart]:
-        return list(panels.FAMILY_CHARTS["gradient_flow"])
+        windows = self.timing.windows()
+        assert windows is not None
+        #: the open window (its start step and effective steps; checkpointed as ``"window"``)
+        self.windows: Windows = windows
 
     # -- the optimizer's flow ------------------------------------------------------------------
     def _flow(
@@ -200,7 +178,8 @@ class GradientFlowDeviation(MeasurementCallback):
         if rule is None:
             self.warn_once(
                 f"GradientFlowDeviation: no flow rule is known for {type(optimizer).__name__}; "
-                "comparing with the plain gradient flow dθ/dt = −∇L for time lr."
+                "comparing with the plain gradient flow dθ/dt = −∇L for time lr (register a "
+                "profile with lightning_landscape.optim.register_optimizer)."
             )
             return Flow()
         if rule[0] is None:
@@ -217,15 +196,15 @@ class GradientFlowDeviation(MeasurementCallback):
 
     # -- measuring -----------------------------------------------------------------------------
     @override
-    def measure(self, ctx: MeasureContext) -> dict[str, float]:
+    def measure(self, ctx: MeasureContext, due: frozenset[str]) -> dict[str, float]:
         out: dict[str, float] = {}
         op = ctx.operator()
-        if self._gap_now and ctx.step >= self.settle_steps:
+        if "gap" in due and ctx.step >= self.settle_steps:
             flow = self._flow(ctx.optimizer, op.parameters)
             eta = self._step(ctx.optimizer)
             if flow is not None:
                 out["step_gap"] = step_gap(op, eta, flow=flow).value if eta > 0 else 0.0
-        if self._end_now and self._window is not None:
+        if "window_end" in due and self.windows.is_open:
             out.update(self._finish(ctx, op))
         return out
 
@@ -256,12 +235,11 @@ class GradientFlowDeviation(MeasurementCallback):
         return est.lambda_max, low.value
 
     def _finish(self, ctx: MeasureContext, op: ProbeHessian) -> dict[str, float]:
-        assert self._window is not None
         v = {name: self.vectors.get(f"window_{name}") for name in _WINDOW}
         device = op.device
         start = v["start"].to(device)  # type: ignore[union-attr]
         flow = Flow(*(None if v[n] is None else v[n].to(device) for n in _WINDOW[1:]))  # type: ignore[union-attr]
-        time, steps = math.fsum(self._window.times), len(self._window.times)
+        time, steps = math.fsum(self.windows.times), len(self.windows.times)
         end = op.vector()
         hi, lo = self._spectrum(ctx, op, flow, at_start=False)
         op.set_vector(start.to(op.dtype))
@@ -295,64 +273,26 @@ class GradientFlowDeviation(MeasurementCallback):
         for name, t in zip(_WINDOW[1:], (flow.inverse, flow.coupled, flow.decoupled)):
             if t is not None:
                 self.vectors[f"window_{name}"] = t.detach().cpu()
-        self._window = _Window(start=trainer.global_step)
+        self.windows.open(trainer.global_step)
 
     def _close(self) -> None:
-        self._window = None
+        self.windows.close()
         self.vectors = {k: v for k, v in self.vectors.items() if k[7:] not in _WINDOW}
 
-    def _starts_at(self, step: int) -> bool:
-        every = self.window_every_n_steps
-        return self.window > 0 and every is not None and step % every == 0
-
-    # -- hooks ---------------------------------------------------------------------------------
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._gap_now, self._end_now = True, False
-        super().on_train_start(trainer, pl_module)
-        if self._active(trainer) and self._window is None and self._starts_at(trainer.global_step):
+    def advance(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: frozenset[str]
+    ) -> None:
+        """Close the window that ended at this step; open one where one starts."""
+        if "window_end" in due:
+            self._close()
+        if not self.windows.is_open and self.windows.starts_at(trainer.global_step):
             self._open(trainer, pl_module)
 
+    # -- hooks ---------------------------------------------------------------------------------
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._window is not None and trainer.optimizers and optimizer is trainer.optimizers[0]:
-            self._window.times.append(self._step(optimizer))
-
-    @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        step = trainer.global_step
-        if not self._active(trainer) or self.probe is None or step == self._last_step:
-            return  # no optimizer step happened (gradient accumulation) or nothing to do
-        self._last_step = step
-        self._gap_now = self.is_due(trainer, step)
-        window = self._window
-        self._end_now = window is not None and step >= window.start + self.window
-        if self._gap_now or self._end_now:
-            self._measure(trainer, pl_module)
-        if self._end_now:
-            self._close()
-        if self._window is None and self._starts_at(step):
-            self._open(trainer, pl_module)
-
-    # -- checkpointing -------------------------------------------------------------------------
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        w = self._window
-        state["window"] = None if w is None else {"start": w.start, "times": list(w.times)}
-        return state
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        w = state_dict.get("window")
-        self._window = None if w is None else _Window(int(w["start"]), list(w["times"]))
+        if self.windows.is_open and trainer.optimizers and optimizer is trainer.optimizers[0]:
+            self.windows.times.append(self._step(optimizer))

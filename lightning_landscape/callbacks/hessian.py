@@ -11,7 +11,9 @@ from typing_extensions import override
 
 from lightning_landscape import panels
 from lightning_landscape.callbacks.base import MeasureContext, MeasurementCallback
+from lightning_landscape.callbacks.options import ProbeOptions
 from lightning_landscape.callbacks.shared import SolveRequest
+from lightning_landscape.checks import check_int, check_number, check_strings
 from lightning_landscape.measures.diagonal import hutchinson_diagonal, rmed
 from lightning_landscape.measures.eigen import (
     EigenEstimate,
@@ -21,6 +23,7 @@ from lightning_landscape.measures.eigen import (
 )
 from lightning_landscape.measures.guard import BNMode
 from lightning_landscape.measures.operators import unflatten
+from lightning_landscape.metrics import HESSIAN
 
 __all__ = ["HessianEigenvalues", "parameter_modules"]
 
@@ -37,14 +40,6 @@ def parameter_modules(model: nn.Module) -> dict[str, list[str]]:
         if own:
             out[name] = own
     return out
-
-
-def _check_int(name: str, value: Any, lo: int, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"`{name}` must be an integer >= {lo}{extra}, got {value!r}")
 
 
 class HessianEigenvalues(MeasurementCallback):
@@ -92,10 +87,11 @@ class HessianEigenvalues(MeasurementCallback):
         >>> HessianEigenvalues(k=0)
         Traceback (most recent call last):
         ...
-        ValueError: `k` must be an integer >= 1, got 0
+        ValueError: `k` must be a positive integer, got 0
     """
 
     family = "hessian"
+    metrics = HESSIAN
 
     def __init__(
         self,
@@ -123,33 +119,18 @@ class HessianEigenvalues(MeasurementCallback):
         name: str | None = None,
         strict: bool = False,
     ) -> None:
-        super().__init__(
-            every_n_steps=every_n_steps,
-            schedule=schedule,
-            max_overhead=max_overhead,
-            probe_size=probe_size,
-            probe_batch_size=probe_batch_size,
-            probe_dataloader=probe_dataloader,
-            bn=bn,
-            dropout=dropout,
-            seed=seed,
-            name=name,
-            strict=strict,
-        )
-        _check_int("k", k, 1)
-        _check_int("max_iter", max_iter, 1, allow_none=True)
-        _check_int("trace_matvecs", trace_matvecs, 3)
-        _check_int("density_every_n_steps", density_every_n_steps, 1, allow_none=True)
-        _check_int("density_runs", density_runs, 1)
-        _check_int("density_steps", density_steps, 2)
-        _check_int("rmed_samples", rmed_samples, 1)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol <= 0:
-            raise ValueError(f"`tol` must be a positive number, got {tol!r}")
-        if not isinstance(per_layer, bool) and (
-            isinstance(per_layer, str) or not all(isinstance(n, str) for n in per_layer)
-        ):
-            raise ValueError(
-                f"`per_layer` must be a bool or a list of module names, got {per_layer!r}"
+        super().__init__(ProbeOptions.pick(locals()))
+        check_int("k", k)
+        check_int("max_iter", max_iter, none=True)
+        check_int("trace_matvecs", trace_matvecs, 3)
+        check_int("density_every_n_steps", density_every_n_steps, none=True)
+        check_int("density_runs", density_runs)
+        check_int("density_steps", density_steps, 2)
+        check_int("rmed_samples", rmed_samples)
+        check_number("tol", tol)
+        if not isinstance(per_layer, bool):
+            check_strings(
+                "per_layer", per_layer, what="a bool or a list of module names", empty=True
             )
         self.k = k
         self.max_iter = max_iter if max_iter is not None else max(40, 12 * (k + 1))
@@ -167,18 +148,6 @@ class HessianEigenvalues(MeasurementCallback):
     @override
     def solve_request(self) -> SolveRequest:
         return SolveRequest(k=self.k, max_iter=self.max_iter, tol=self.tol, bottom=True)
-
-    @override
-    def charts(self) -> list[panels.Chart]:
-        base = "landscape/hessian/"
-        charts = [panels.Chart("Hessian top-k", (base + r"eig_\d+$", base + "lambda_min$"))]
-        if self.trace:
-            charts.append(panels.Chart("Hessian trace", (base + "trace",)))
-        if self.per_layer:
-            charts.append(panels.Chart("Per-layer lambda_max", (base + r"(?!rmed/).+/eig_1",)))
-        if self.rmed:
-            charts.append(panels.Chart("R_med by layer", (base + r"rmed/.+",)))
-        return charts
 
     def _check_converged(self, est: EigenEstimate) -> None:
         """Warn (once) when the solve stopped at its cap before this callback's tolerance."""
@@ -206,7 +175,7 @@ class HessianEigenvalues(MeasurementCallback):
         return owners
 
     @override
-    def measure(self, ctx: MeasureContext) -> dict[str, float]:
+    def measure(self, ctx: MeasureContext, due: frozenset[str]) -> dict[str, float]:
         est = ctx.top_k(self.solve_request())
         out = {f"eig_{i + 1}": float(v) for i, v in enumerate(est.eigenvalues[: self.k])}
         out["lambda_min"] = est.lambda_min

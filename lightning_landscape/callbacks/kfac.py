@@ -16,10 +16,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_landscape import panels
+from lightning_landscape.callbacks.context import Pausable
+from lightning_landscape.checks import check_bool
+from lightning_landscape.metrics import KFAC as KFAC_METRICS
 from lightning_landscape.optim.kfac import KFACPreconditioner, StepInfo
 from lightning_landscape.optim.kfac.hyper import (
     Hyper,
@@ -33,11 +37,17 @@ __all__ = ["KFAC"]
 Schedule = float | Callable[[int], float]
 
 
-class KFAC(Callback):
+def unwrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer behind Lightning's ``LightningOptimizer`` wrapper (or ``optimizer``)."""
+    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+
+class KFAC(Callback, Pausable):
     """K-FAC preconditioning of ``trainer.optimizers[0]`` (see ``KFACPreconditioner``).
 
     The preconditioner records statistics only in training forwards (not in validation, not in
-    the forwards of measurement callbacks: their guard enters :meth:`paused`), combines every
+    the forwards of measurement callbacks: it is :class:`~lightning_landscape.callbacks.Pausable`,
+    and their guard enters :meth:`paused`), combines every
     micro-batch of an optimizer step (``accumulate_grad_batches``) and, with ``16-mixed``,
     divides the output gradients by the ``GradScaler``'s scale and drops steps the scaler skips.
     Its state (factors, eigenbases, step counter) is checkpointed with the trainer. Layers
@@ -75,6 +85,9 @@ class KFAC(Callback):
         ValueError: `factor_decay` must be a number in [0, 1) or a callable of the step, got 1.5
     """
 
+    #: What this callback logs (see :mod:`lightning_landscape.metrics`).
+    metrics = KFAC_METRICS
+
     def __init__(
         self,
         *,
@@ -102,8 +115,7 @@ class KFAC(Callback):
         check_choice("damping_mode", damping_mode, ("exact", "pi"))
         check_regex("layers", layers)
         check_regex("skip", skip)
-        if not isinstance(distribute_inverses, bool):
-            raise ValueError(f"`distribute_inverses` must be a bool, got {distribute_inverses!r}")
+        check_bool("distribute_inverses", distribute_inverses)
         self.hyper: dict[str, Any] = dict(
             damping=damping,
             factor_decay=factor_decay,
@@ -167,7 +179,7 @@ class KFAC(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         pre = self.preconditioner
-        if pre is None or getattr(optimizer, "_optimizer", optimizer) is not pre.optimizer:
+        if pre is None or unwrap(optimizer) is not pre.optimizer:
             return
         pre.step()
         self._log(trainer, pre.info)

@@ -15,6 +15,16 @@ from typing_extensions import override
 
 from lightning_landscape import panels
 from lightning_landscape.callbacks.base import MeasureContext, MeasurementCallback
+from lightning_landscape.callbacks.cadence import Cadence
+from lightning_landscape.callbacks.options import ProbeOptions
+from lightning_landscape.callbacks.schedule import AtEnd, AtSteps, EveryNEpochs, Schedule, Trigger
+from lightning_landscape.checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_steps,
+    check_that,
+)
 from lightning_landscape.measures.guard import BNMode
 from lightning_landscape.measures.landscape import (
     Interpolation,
@@ -25,24 +35,11 @@ from lightning_landscape.measures.landscape import (
     linear_interpolation,
     loss_surface,
 )
+from lightning_landscape.metrics import LANDSCAPE
 
 __all__ = ["LossLandscape"]
 
 _INIT = "init/"  # prefix of the initial weights in ``vectors`` (checkpointed by the base class)
-
-
-def _never(step: int) -> bool:
-    """The base class's step cadence: never (this callback keeps its own schedule)."""
-    return False
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: Any, lo: int) -> None:
-    if not _is_int(value) or value < lo:
-        raise ValueError(f"`{name}` must be an integer >= {lo}, got {value!r}")
 
 
 def _finite_copy(values: np.ndarray) -> np.ndarray:
@@ -153,8 +150,8 @@ class LossLandscape(MeasurementCallback):
     """
 
     family = "landscape"
+    metrics = LANDSCAPE
     logs_without_scalars = True
-    measure_at_start = False
 
     def __init__(
         self,
@@ -179,40 +176,36 @@ class LossLandscape(MeasurementCallback):
         name: str | None = None,
         strict: bool = False,
     ) -> None:
-        super().__init__(
-            schedule=_never,
-            probe_size=probe_size,
-            probe_batch_size=probe_batch_size,
-            probe_dataloader=probe_dataloader,
-            bn=bn,
-            dropout=dropout,
-            seed=seed,
-            name=name,
-            strict=strict,
-        )
-        if every_n_epochs is not None:
-            _check_int("every_n_epochs", every_n_epochs, 1)
-        if at_steps is not None and (
-            isinstance(at_steps, (str, int)) or not all(_is_int(t) and t >= 0 for t in at_steps)
-        ):
-            raise ValueError(
-                f"`at_steps` must be a list of integers >= 0 or None, got {at_steps!r}"
-            )
-        steps = sorted(set(at_steps or ()))
-        flags = dict(at_end=at_end, interpolate_from_init=interpolate_from_init)
-        for name, flag in {**flags, "keep_1d": keep_1d, "save_npz": save_npz}.items():
-            if not isinstance(flag, bool):
-                raise ValueError(f"`{name}` must be a bool, got {flag!r}")
+        check_int("every_n_epochs", every_n_epochs, none=True)
+        steps = check_steps("at_steps", at_steps)
+        for flag_name, flag in {
+            "at_end": at_end,
+            "interpolate_from_init": interpolate_from_init,
+            "keep_1d": keep_1d,
+            "save_npz": save_npz,
+        }.items():
+            check_bool(flag_name, flag)
         if every_n_epochs is None and not steps and not at_end:
             raise ValueError(
                 "`at_end` is False and neither `every_n_epochs` nor `at_steps` is set: "
                 "nothing would ever be measured"
             )
-        if dims not in (1, 2) or isinstance(dims, bool):
-            raise ValueError(f"`dims` must be 1 or 2, got {dims!r}")
+        check_choice("dims", dims, (1, 2))
+        check_that("dims", dims, not isinstance(dims, bool), "1 or 2")
         grid_coordinates(resolution, span)  # validates `resolution` and `span`
-        _check_int("interpolation_resolution", interpolation_resolution, 2)
-        _check_int("chunk_size", chunk_size, 1)
+        check_int("interpolation_resolution", interpolation_resolution, 2)
+        check_int("chunk_size", chunk_size)
+
+        def timing(cadence: Cadence) -> Schedule:
+            triggers: list[Trigger] = [AtSteps(steps)]
+            if every_n_epochs is not None:
+                triggers.append(EveryNEpochs(every_n_epochs))
+            if at_end:
+                triggers.append(AtEnd())
+            return Schedule({"surface": triggers}, cadence, once_per_step=True)
+
+        # no budget: the cadence only keeps the accounting (points, seconds)
+        super().__init__(ProbeOptions.pick(locals()), timing=timing)
         self.every_n_epochs = every_n_epochs
         self.at_steps = steps
         self.at_end = at_end
@@ -224,29 +217,23 @@ class LossLandscape(MeasurementCallback):
         self.keep_1d = keep_1d
         self.chunk_size = chunk_size
         self.save_npz = save_npz
-        self.measured_step = -1
         self.last_surface: LossSurface | None = None
         self.last_interpolation: Interpolation | None = None
         self.last_file: str | None = None
 
-    @override
-    def charts(self) -> list[panels.Chart]:
-        return list(panels.FAMILY_CHARTS["landscape"]) if self.interpolate_from_init else []
-
-    # -- schedule ----------------------------------------------------------------------------
-    def _maybe_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active(trainer) or self.probe is None:
-            return
-        if trainer.global_step == self.measured_step:
-            return  # gradient accumulation, or an epoch end and the end of training coinciding
-        self.measured_step = trainer.global_step
-        self._measure(trainer, pl_module)
+    @property
+    def measured_step(self) -> int:
+        """The last step measured (a step is measured at most once; checkpointed)."""
+        return self.timing.measured_step
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active(trainer):
-            return
-        super().on_train_start(trainer, pl_module)  # probe, clocks, layout (no step-0 measure)
+        if self._active(trainer):
+            self._keep_initial(trainer, pl_module)
+        super().on_train_start(trainer, pl_module)  # probe, clocks, layout, step 0 if scheduled
+
+    def _keep_initial(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep θ0 in the (checkpointed) state at the start of training."""
         has_init = any(k.startswith(_INIT) for k in self.vectors)
         if self.interpolate_from_init and not has_init:
             if trainer.global_step == 0:
@@ -259,26 +246,6 @@ class LossLandscape(MeasurementCallback):
                     "callback state (was it attached from the start?); no interpolation or "
                     "barrier will be logged."
                 )
-        if 0 in self.at_steps and trainer.global_step == 0:
-            self._maybe_measure(trainer, pl_module)
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
-    ) -> None:
-        if trainer.global_step in self.at_steps:
-            self._maybe_measure(trainer, pl_module)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        n = self.every_n_epochs
-        if n is not None and (trainer.current_epoch + 1) % n == 0:
-            self._maybe_measure(trainer, pl_module)
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.at_end:
-            self._maybe_measure(trainer, pl_module)
 
     # -- measuring ---------------------------------------------------------------------------
     def _initial_vector(self, names: list[str]) -> torch.Tensor | None:
@@ -293,7 +260,7 @@ class LossLandscape(MeasurementCallback):
         return torch.cat([self.vectors[k].reshape(-1) for k in keys])
 
     @override
-    def measure(self, ctx: MeasureContext) -> dict[str, float]:
+    def measure(self, ctx: MeasureContext, due: frozenset[str]) -> dict[str, float]:
         self.last_surface = self.last_interpolation = None
         op = ctx.operator()
         theta0 = self._initial_vector(op.names) if self.interpolate_from_init else None
@@ -316,15 +283,6 @@ class LossLandscape(MeasurementCallback):
                 )  # fmt: skip
         self.last_surface, self.last_interpolation = surface, interp
         return {} if interp is None else {"barrier": interp.barrier}
-
-    @override
-    def _log(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]
-    ) -> None:
-        if metrics:
-            super()._log(trainer, pl_module, metrics)
-        else:  # nothing scalar to log without the interpolation: figures and file only
-            self.on_logged(trainer, pl_module, metrics)
 
     @override
     def on_logged(
@@ -383,13 +341,3 @@ class LossLandscape(MeasurementCallback):
             )
         np.savez(path, **arrays)
         return path
-
-    # -- checkpointing -----------------------------------------------------------------------
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "measured_step": self.measured_step}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.measured_step = int(state_dict.get("measured_step", -1))

@@ -16,6 +16,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_landscape.checks import check_int, check_number, check_that
+
 __all__ = ["ObservationBoost"]
 
 
@@ -72,18 +74,14 @@ class ObservationBoost(Callback):
         average_over_epoch: bool = True,
         verbose: bool = True,
     ) -> None:
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"`monitor` must be a non-empty string, got {monitor!r}")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"`patience` must be an int >= 1, got {patience!r}")
-        if not _number(factor_mu) or not factor_mu > 1.0:
-            raise ValueError(f"`factor_mu` must be a number > 1, got {factor_mu!r}")
-        if not _number(factor_lr) or not 0.0 < factor_lr <= 1.0:
-            raise ValueError(f"`factor_lr` must be in (0, 1], got {factor_lr!r}")
-        if not _number(max_observation) or not 0.0 < max_observation <= 1.0:
-            raise ValueError(f"`max_observation` must be in (0, 1], got {max_observation!r}")
-        if not _number(min_delta) or not min_delta >= 0.0:
-            raise ValueError(f"`min_delta` must be a number >= 0, got {min_delta!r}")
+        check_that(
+            "monitor", monitor, isinstance(monitor, str) and bool(monitor), "a non-empty string"
+        )
+        check_int("patience", patience)
+        check_number("factor_mu", factor_mu, low=1.0)
+        check_number("factor_lr", factor_lr, high=1.0, include_high=True)
+        check_number("max_observation", max_observation, high=1.0, include_high=True)
+        check_number("min_delta", min_delta, include_low=True)
         self.monitor = monitor
         self.patience = patience
         self.factor_mu = float(factor_mu)
@@ -206,10 +204,6 @@ class ObservationBoost(Callback):
         self.wait = int(state_dict["wait"])
         self.boosts = int(state_dict["boosts"])
         self.history = [dict(h) for h in state_dict["history"]]
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _boostable_groups(trainer: pl.Trainer) -> list[dict[str, Any]]:

@@ -10,8 +10,11 @@ from typing_extensions import override
 
 from lightning_landscape import panels
 from lightning_landscape.callbacks.base import MeasureContext, MeasurementCallback
+from lightning_landscape.callbacks.options import ProbeOptions
+from lightning_landscape.checks import check_int, check_strings
 from lightning_landscape.measures.guard import BNMode
 from lightning_landscape.measures.variance import SampleVariance, sample_variance, select_modules
+from lightning_landscape.metrics import SAMPLE_VARIANCE
 
 __all__ = ["SampleVarianceDecay"]
 
@@ -78,6 +81,7 @@ class SampleVarianceDecay(MeasurementCallback):
     """
 
     family = "sample_variance"
+    metrics = SAMPLE_VARIANCE
 
     def __init__(
         self,
@@ -96,34 +100,9 @@ class SampleVarianceDecay(MeasurementCallback):
         name: str | None = None,
         strict: bool = False,
     ) -> None:
-        super().__init__(
-            every_n_steps=every_n_steps,
-            schedule=schedule,
-            max_overhead=max_overhead,
-            probe_size=probe_size,
-            probe_batch_size=probe_batch_size,
-            probe_dataloader=probe_dataloader,
-            bn=bn,
-            dropout=dropout,
-            seed=seed,
-            name=name,
-            strict=strict,
-        )
-        if modules is not None and (
-            isinstance(modules, str) or not modules or not all(isinstance(n, str) for n in modules)
-        ):
-            raise ValueError(
-                f"`modules` must be a non-empty list of module names or None, got {modules!r}"
-            )
-        if profile_every_n_steps is not None and (
-            not isinstance(profile_every_n_steps, int)
-            or isinstance(profile_every_n_steps, bool)
-            or profile_every_n_steps < 1
-        ):
-            raise ValueError(
-                "`profile_every_n_steps` must be a positive integer or None, "
-                f"got {profile_every_n_steps!r}"
-            )
+        super().__init__(ProbeOptions.pick(locals()))
+        check_strings("modules", modules, what="a non-empty list of module names", none=True)
+        check_int("profile_every_n_steps", profile_every_n_steps, none=True)
         self.modules = None if modules is None else list(modules)
         self.profile_every_n_steps = profile_every_n_steps
         self.last_result: SampleVariance | None = None
@@ -132,17 +111,14 @@ class SampleVarianceDecay(MeasurementCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
+        key = dict(
             family=self.family,
             name=self.name,
             probe_size=self.probe_size,
             bn=self.bn,
             modules=self.modules,
         )
-
-    @override
-    def charts(self) -> list[panels.Chart]:
-        return list(panels.FAMILY_CHARTS[self.family])
+        return f"{type(self).__qualname__}{key!r}"  # the form of Lightning's own state keys
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -150,7 +126,7 @@ class SampleVarianceDecay(MeasurementCallback):
         select_modules(pl_module, self.modules)  # unknown names fail before training starts
 
     @override
-    def measure(self, ctx: MeasureContext) -> dict[str, float]:
+    def measure(self, ctx: MeasureContext, due: frozenset[str]) -> dict[str, float]:
         assert ctx.probe is not None
         result = sample_variance(
             ctx.pl_module, ctx.probe, forward=ctx.loss_fn, modules=self.modules

@@ -4,8 +4,11 @@
   LightningModule defines it, else ``training_step(batch, 0)`` with ``self.log``/``log_dict``
   silenced (nothing spurious may reach the loggers) and the loss taken from a tensor or
   ``["loss"]``.
-- :class:`Shared` — one per fit (created in ``setup``, dropped in ``teardown``, so a second
-  ``fit`` or a new Trainer captures a fresh probe): probes keyed by their configuration (two
+- :class:`Shared` — the run-scoped object, one per fit (:func:`open_run` in ``setup``,
+  :func:`close_run` in ``teardown``, kept beside the Trainer in a weak mapping, never as an
+  attribute on it; a second ``fit`` or a new Trainer captures a fresh probe): the decision of
+  which callbacks are due at the current step (:meth:`Shared.due_at`, taken once per step for
+  all of them), probes keyed by their configuration (two
   callbacks with the same probe options hold one probe), and the top-k eigen solves of the
   current step, so when ``Sharpness`` and ``HessianEigenvalues`` measure at the same step λ_max
   is computed once (with ``k`` = the largest any due callback asks for), warm-started from the
@@ -18,16 +21,20 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_landscape.callbacks.schedule import Event, decide
 from lightning_landscape.measures.eigen import EigenEstimate, top_eigen
 from lightning_landscape.measures.operators import ProbeHessian
+
+if TYPE_CHECKING:
+    from lightning_landscape.callbacks.base import MeasurementCallback
 
 __all__ = [
     "LossExtractionError",
@@ -144,6 +151,29 @@ class Shared:
     owners: dict[tuple[Any, ...], int] = field(default_factory=dict)
     #: probe key -> the global size chosen for an automatic probe
     auto_sizes: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    #: the latest decision of which callbacks are due (``id`` -> due parts), and its
+    #: ``(event, step)`` (see :func:`~lightning_landscape.callbacks.schedule.decide`)
+    due: dict[int, frozenset[str]] = field(default_factory=dict)
+    decided: tuple[str, int] | None = None
+
+    def due_at(
+        self, trainer: pl.Trainer, peers: Sequence[MeasurementCallback], event: Event
+    ) -> dict[int, frozenset[str]]:
+        """The due parts of every peer at ``event`` of the current step, decided once for the
+        run (:func:`~lightning_landscape.callbacks.schedule.decide`: one collective at most)."""
+        key = (event, trainer.global_step)
+        if self.decided != key:
+            self.due, self.decided = decide(trainer, peers, event, self.busy), key
+        return self.due
+
+    def is_due(self, callback: object, step: int) -> bool:
+        """Whether the run's decision at ``step`` (training start or after the optimizer step)
+        made ``callback`` measure."""
+        return (
+            self.decided is not None
+            and self.decided[1] == step
+            and bool(self.due.get(id(callback)))
+        )
 
     def top_k(
         self,

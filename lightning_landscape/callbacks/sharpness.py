@@ -9,9 +9,10 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lightning_landscape import panels
 from lightning_landscape.callbacks.base import MeasureContext, MeasurementCallback
+from lightning_landscape.callbacks.options import ProbeOptions
 from lightning_landscape.callbacks.shared import SolveRequest
+from lightning_landscape.checks import check_choice, check_int, check_number
 from lightning_landscape.measures._compat import CurvatureOperator
 from lightning_landscape.measures.eigen import top_eigen
 from lightning_landscape.measures.guard import BNMode
@@ -23,7 +24,8 @@ from lightning_landscape.measures.shifted import (
     decay_vector,
     shifted_preconditioned,
 )
-from lightning_landscape.optim.stability import stability_of
+from lightning_landscape.metrics import SHARPNESS
+from lightning_landscape.optim.profile import profile_for
 
 __all__ = ["Sharpness"]
 
@@ -89,10 +91,11 @@ class Sharpness(MeasurementCallback):
         >>> Sharpness(tol=-1)
         Traceback (most recent call last):
         ...
-        ValueError: `tol` must be a positive number, got -1
+        ValueError: `tol` must be a positive finite number, got -1
     """
 
     family = "sharpness"
+    metrics = SHARPNESS
 
     def __init__(
         self,
@@ -118,39 +121,14 @@ class Sharpness(MeasurementCallback):
         progress_bar: bool = True,
         settle_steps: int = 10,
     ) -> None:
-        super().__init__(
-            every_n_steps=every_n_steps,
-            schedule=schedule,
-            max_overhead=max_overhead,
-            probe_size=probe_size,
-            probe_batch_size=probe_batch_size,
-            probe_dataloader=probe_dataloader,
-            bn=bn,
-            dropout=dropout,
-            seed=seed,
-            name=name,
-            strict=strict,
-        )
-        if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-            raise ValueError(f"`max_iter` must be a positive integer, got {max_iter!r}")
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol <= 0:
-            raise ValueError(f"`tol` must be a positive number, got {tol!r}")
-        if preconditioned not in ("auto", True, False):
-            raise ValueError(
-                f"`preconditioned` must be 'auto', True or False, got {preconditioned!r}"
-            )
-        if rho is not None and (
-            isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho <= 0
-        ):
-            raise ValueError(f"`rho` must be a positive number or None, got {rho!r}")
-        if not isinstance(rho_steps, int) or isinstance(rho_steps, bool) or rho_steps < 1:
-            raise ValueError(f"`rho_steps` must be a positive integer, got {rho_steps!r}")
-        if (
-            isinstance(adaptive_offset, bool)
-            or not isinstance(adaptive_offset, (int, float))
-            or adaptive_offset < 0
-        ):
-            raise ValueError(f"`adaptive_offset` must be a number >= 0, got {adaptive_offset!r}")
+        super().__init__(ProbeOptions.pick(locals()))
+        check_int("max_iter", max_iter)
+        check_number("tol", tol)
+        check_choice("preconditioned", preconditioned, ("auto", True, False))
+        check_number("rho", rho, none=True)
+        check_int("rho_steps", rho_steps)
+        check_number("adaptive_offset", adaptive_offset, include_low=True)
+        check_int("settle_steps", settle_steps, 0)
         self.max_iter = max_iter
         self.tol = float(tol)
         self.preconditioned = preconditioned
@@ -159,8 +137,6 @@ class Sharpness(MeasurementCallback):
         self.adaptive = bool(adaptive)
         self.adaptive_offset = float(adaptive_offset)
         self.progress_bar = bool(progress_bar)
-        if not isinstance(settle_steps, int) or isinstance(settle_steps, bool) or settle_steps < 0:
-            raise ValueError(f"`settle_steps` must be an integer >= 0, got {settle_steps!r}")
         self.settle_steps = settle_steps
 
     @override
@@ -168,25 +144,13 @@ class Sharpness(MeasurementCallback):
         return SolveRequest(k=1, max_iter=self.max_iter, tol=self.tol)
 
     @override
-    def charts(self) -> list[panels.Chart]:
-        base = "landscape/sharpness/"
-        charts = [
-            panels.Chart(
-                "Sharpness vs stability threshold",
-                (base + "lambda_max", base + "preconditioned", base + "threshold"),
-            ),
-            panels.Chart("Sharpness / threshold", (base + "ratio",)),
-        ]
-        if self.rho is not None:
-            charts.append(panels.Chart("rho-sharpness", (base + "rho",)))
-        return charts
-
-    @override
-    def measure(self, ctx: MeasureContext) -> dict[str, float]:
+    def measure(self, ctx: MeasureContext, due: frozenset[str]) -> dict[str, float]:
         op = ctx.operator()
         est = ctx.top_k(self.solve_request())
         out = {"lambda_max": est.lambda_max, "residual": float(est.residuals[0])}
-        stab = None if ctx.optimizer is None else stability_of(ctx.optimizer, op.parameters)
+        opt = ctx.optimizer
+        profile = None if opt is None else profile_for(opt)
+        stab = None if opt is None or profile is None else profile.stability(opt, op.parameters)
 
         # coupled (L2) weight decay D: the dynamics follow H + D, the loss's H is est's
         decay = None if stab is None else decay_vector(stab.coupled_decay, op)
@@ -221,7 +185,7 @@ class Sharpness(MeasurementCallback):
                 f"{type(ctx.optimizer).__name__} in this configuration (e.g. an unregistered "
                 "optimizer, per-group momenta that disagree, or K-FAC over a diagonally "
                 "preconditioned optimizer); logging lambda_max without threshold/ratio "
-                "(register one with lightning_landscape.optim.register_stability)."
+                "(register one with lightning_landscape.optim.register_optimizer)."
             )
         elif (
             self.preconditioned is not False

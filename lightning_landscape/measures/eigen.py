@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_landscape.checks import check_int, check_number
+
 from ._compat import (
     CurvatureOperator,
     LambdaOperator,
@@ -156,15 +158,6 @@ def _start_block(
     return start, p + 2 * start.shape[0], warm
 
 
-def _check(name: str, value: object, lo: float, integer: bool = False) -> None:
-    bad = isinstance(value, bool) or not isinstance(value, (int, float))
-    if integer and not isinstance(value, int):
-        bad = True
-    if bad or value < lo:  # type: ignore[operator]
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"`{name}` must be {kind} >= {lo}, got {value!r}")
-
-
 def top_eigen(
     operator: CurvatureOperator,
     *,
@@ -226,13 +219,13 @@ def top_eigen(
     Returns:
         An :class:`EigenEstimate`.
     """
-    _check("k", k, 1, integer=True)
-    _check("max_iter", max_iter, 1, integer=True)
-    _check("min_iter", min_iter, 1, integer=True)
-    _check("tol", tol, 0.0)
-    _check("noise", noise, 0.0)
+    check_int("k", k, 1)
+    check_int("max_iter", max_iter, 1)
+    check_int("min_iter", min_iter, 1)
+    check_number("tol", tol, include_low=True)
+    check_number("noise", noise, include_low=True)
     if block is not None:
-        _check("block", block, 1, integer=True)
+        check_int("block", block, 1)
     n = operator.size
     if k > n:
         raise ValueError(f"`k` must not exceed the operator size {n}, got {k}")
@@ -291,7 +284,7 @@ def hutchpp_trace(operator: CurvatureOperator, *, matvecs: int = 60, seed: int =
     ``m`` for the residual. So fewer than ``3m`` products run when the operator size ``n`` is
     below ``m``; ``Trace.matvecs`` counts the products that actually ran.
     """
-    _check("matvecs", matvecs, 3, integer=True)
+    check_int("matvecs", matvecs, 3)
     wrapped, calls = _counting(operator)
     result = hutch_plus_plus(wrapped, num_matvecs=matvecs, seed=seed)
     return Trace(float(result.estimate), float(result.stderr), calls[0])
@@ -330,8 +323,8 @@ def slq_density(
     seed: int = 0,
 ) -> Density:
     """Eigenvalue density of ``operator`` by stochastic Lanczos quadrature (Ubaru et al.)."""
-    _check("runs", runs, 1, integer=True)
-    _check("lanczos_steps", lanczos_steps, 2, integer=True)
+    check_int("runs", runs, 1)
+    check_int("lanczos_steps", lanczos_steps, 2)
     steps = min(lanczos_steps, operator.size)
     # the library's default bandwidth is spread / steps; pad the grid by 4 bandwidths so the
     # Gaussian tails of the extreme nodes stay on it and the density integrates to ~1

@@ -8,7 +8,6 @@ in ``[λ_min + min(P⁻¹c + d), λ_max + max(P⁻¹c + d)]`` with ``λ`` those 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,15 +26,6 @@ class FlowOperator(Protocol):
     def vector(self) -> torch.Tensor: ...
 
     def set_vector(self, vector: torch.Tensor) -> None: ...
-
-
-def _number(name: str, value: object, *, positive: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    number = float(value) if ok else math.nan  # type: ignore[arg-type]
-    if not math.isfinite(number) or number < 0 or (positive and number == 0):
-        kind = "a positive" if positive else "a non-negative"
-        raise ValueError(f"`{name}` must be {kind} finite number, got {value!r}")
-    return number
 
 
 def _vector(name: str, value: torch.Tensor | None) -> torch.Tensor | None:

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_landscape.checks import check_int, check_number
+
 from ._compat import CurvatureOperator, LambdaOperator
 from .eigen import top_eigen
 
@@ -103,15 +105,6 @@ def gd_relative_deviation(z: float, steps: int) -> float:
     return -math.expm1(-steps * g)
 
 
-def _positive(name: str, value: object, integer: bool = False) -> float:
-    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
-    number = float(value) if ok else math.nan  # type: ignore[arg-type]
-    if not (math.isfinite(number) and number > 0):
-        kind = "a positive integer" if integer else "a positive finite number"
-        raise ValueError(f"`{name}` must be {kind}, got {value!r}")
-    return number
-
-
 def window_substeps(
     time: float,
     steps: int,
@@ -131,15 +124,15 @@ def window_substeps(
         rtol: target integration error relative to the deviation (``None``: only ``h·ρ ≤ c``).
         c: the cap ``h·ρ ≤ c``, in ``(0, 2.78]``.
     """
-    _positive("steps", steps, integer=True)
+    check_int("steps", steps)
     if rtol is not None:
-        _positive("rtol", rtol)
+        check_number("rtol", rtol)
     for name, value in (("time", time), ("rate", rate), ("rate_min", rate_min)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"`{name}` must be a finite number, got {value!r}")
         if not math.isfinite(value) or (name == "time" and value < 0):
             raise ValueError(f"`{name}` must be a finite number (time >= 0), got {value!r}")
-    if not (_positive("c", c) <= RK4_STABILITY):
+    if not (check_number("c", c) <= RK4_STABILITY):
         raise ValueError(f"`c` must be in (0, {RK4_STABILITY}] (RK4 stability), got {c!r}")
     radius = max(float(rate), -float(rate_min), 0.0)
     n = substeps_for(time, radius, c)

@@ -66,7 +66,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .flow_field import Flow, FlowOperator, _number
+from lightning_landscape.checks import check_number
+
+from .flow_field import Flow, FlowOperator
 from .flow_steps import RK4_STABILITY, substeps_for, window_substeps
 from .operators import NonFiniteError
 
@@ -115,7 +117,7 @@ def step_gap(operator: FlowOperator, lr: float, *, flow: Flow | None = None) -> 
         lr: the step's effective learning rate ``η > 0`` (see the module docstring).
         flow: the preconditioner and decays (default: plain gradient flow).
     """
-    eta = _number("lr", lr, positive=True)
+    eta = check_number("lr", lr)
     flow = flow or Flow()
     loss, grad = operator.loss_and_gradient()
     flow.check(grad.numel())
@@ -179,8 +181,8 @@ def integrate_flow(
     Raises:
         NonFiniteError: a gradient or the end point is not finite (the flow blew up).
     """
-    total = _number("time", time)
-    step_bound = _number("c", c, positive=True)
+    total = check_number("time", time, include_low=True)
+    step_bound = check_number("c", c)
     if step_bound > RK4_STABILITY:
         raise ValueError(f"`c` must be in (0, {RK4_STABILITY}] (RK4 stability), got {c!r}")
     if isinstance(max_substeps, bool) or not isinstance(max_substeps, int) or max_substeps < 1:

@@ -26,13 +26,13 @@ CUDA_GRAPH_FRACTION = 0.25
 """``graph_memory_budget="auto"`` on CUDA: this share of the memory free for tensors."""
 
 
-def _storage(t: torch.Tensor) -> tuple[Any, int]:
-    """A key naming ``t``'s storage and the storage's size in bytes."""
+def _storage(t: torch.Tensor) -> tuple[Any, int, Any]:
+    """A key naming ``t``'s storage, the storage's size in bytes, and what keeps it alive."""
     try:
         storage = t.untyped_storage()
-        return (t.device, storage.data_ptr()), storage.nbytes()
+        return (t.device, storage.data_ptr()), storage.nbytes(), storage
     except (RuntimeError, NotImplementedError, TypeError):  # no plain storage (subclasses)
-        return id(t), t.numel() * t.element_size()
+        return id(t), t.numel() * t.element_size(), t
 
 
 class SavedBytes:
@@ -41,12 +41,17 @@ class SavedBytes:
     def __init__(self, known: Iterable[torch.Tensor]) -> None:
         self.seen = {_storage(t)[0] for t in known}
         self.bytes = 0
+        # Keys are addresses: a storage counted, then freed, could hand its address to a new
+        # one, which would go uncounted. Holding each counted storage until the count is
+        # dropped keeps every address unique (the graph holds most of them anyway).
+        self._alive: list[Any] = []
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        key, nbytes = _storage(t)
+        key, nbytes, owner = _storage(t)
         if key not in self.seen:
             self.seen.add(key)
             self.bytes += nbytes
+            self._alive.append(owner)
         return t.detach()  # not `t`: that would be a reference cycle (see the hooks' doc)
 
     @staticmethod

@@ -26,8 +26,7 @@ differentiated twice, and both are undone on exit:
   double-backward formula, the math backend is plain differentiable torch;
 - code compiled with ``torch.compile`` runs eagerly (``torch.compiler.set_stance("force_eager")``): the
   compiled graph does not support double backward, the eager module has the same parameters
-  and computes the same function (only when ``torch._dynamo`` was imported, i.e. something may
-  be compiled; otherwise there is nothing to switch off).
+  and computes the same function.
 
 Example::
 
@@ -46,17 +45,19 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
-import sys
-import types
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Literal
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lightning_landscape.checks import check_choice
 
 __all__ = [
     "guard",
@@ -69,7 +70,18 @@ __all__ = [
 
 BNMode = Literal["eval", "batch"]
 
-BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+#: BatchNorm layers (torch's public classes: everything torch derives from its private base).
+BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+    torch.ao.nn.quantized.BatchNorm2d,
+    torch.ao.nn.quantized.BatchNorm3d,
+)
 DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Dropout,
     nn.Dropout1d,
@@ -114,14 +126,33 @@ def second_order_mode() -> Iterator[None]:
     """Math SDPA backend and eager ``torch.compile`` regions, so double backward works."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        if "torch._dynamo" in sys.modules:  # nothing can be compiled before dynamo is imported
-            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        stack.enter_context(torch.compiler.set_stance("force_eager"))
         yield
 
 
-def _check_bn(bn: str) -> None:
-    if bn not in ("eval", "batch"):
-        raise ValueError(f"`bn` must be 'eval' or 'batch', got {bn!r}")
+def _local_batch_norm(module: nn.SyncBatchNorm, input: Tensor) -> Tensor:
+    """``module``'s forward without synchronisation: ``F.batch_norm`` on its own buffers and
+    parameters, the computation ``nn.BatchNorm*d`` does (and ``SyncBatchNorm`` outside a
+    process group), running statistics updated as in training."""
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    factor = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(module.num_batches_tracked)
+    no_stats = module.running_mean is None and module.running_var is None
+    tracked = not module.training or module.track_running_stats
+    return F.batch_norm(
+        input,
+        module.running_mean if tracked else None,
+        module.running_var if tracked else None,
+        module.weight,
+        module.bias,
+        module.training or no_stats,
+        factor,
+        module.eps,
+    )
 
 
 @contextlib.contextmanager
@@ -148,7 +179,7 @@ def guard(
     Yields:
         ``model``, switched to measurement mode.
     """
-    _check_bn(bn)
+    check_choice("bn", bn, ("eval", "batch"))
     params = list(model.parameters())
     param_data = [p.detach().clone() for p in params]
     grads = [p.grad for p in params]
@@ -169,7 +200,7 @@ def guard(
                     # normalise with this rank's probe batch only: a synchronised forward would
                     # pair collectives across ranks holding different numbers of probe batches
                     # (and SyncBatchNorm has no double backward)
-                    m.forward = types.MethodType(nn.modules.batchnorm._BatchNorm.forward, m)  # type: ignore[method-assign]
+                    m.forward = functools.partial(_local_batch_norm, m)  # type: ignore[method-assign]
                     patched.append(m)
             if dropout and isinstance(m, DROPOUT_TYPES):
                 m.train()

@@ -53,6 +53,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lightning_landscape.checks import check_int, check_number
+
 from .operators import NonFiniteError, ProbeHessian, flatten
 
 __all__ = [
@@ -73,21 +75,6 @@ Progress = Callable[[int, int], None]
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` where ``den > 0``, else 0 (no ε: the norms come out exact)."""
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), 0.0)
-
-
-def _check_int(name: str, value: object, lo: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise ValueError(f"`{name}` must be an integer >= {lo}, got {value!r}")
-
-
-def _check_span(span: object) -> None:
-    if (
-        isinstance(span, bool)
-        or not isinstance(span, (int, float))
-        or not math.isfinite(span)
-        or span <= 0
-    ):
-        raise ValueError(f"`span` must be a positive finite number, got {span!r}")
 
 
 @dataclass(frozen=True)
@@ -142,8 +129,8 @@ def grid_coordinates(resolution: int, span: float) -> torch.Tensor:
         >>> grid_coordinates(5, 1.0).tolist()
         [-1.0, -0.5, 0.0, 0.5, 1.0]
     """
-    _check_int("resolution", resolution, 2)
-    _check_span(span)
+    check_int("resolution", resolution, 2)
+    check_number("span", span)
     c = torch.linspace(-float(span), float(span), resolution, dtype=torch.float64)
     return (c - c.flip(0)) / 2
 
@@ -202,7 +189,7 @@ def filter_normalized_directions(
         seed: seed of the generator.
         keep_1d: keep biases and other 1-D parameters (see :func:`filter_normalize`).
     """
-    _check_int("count", count, 1)
+    check_int("count", count, 1)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"`seed` must be an integer, got {seed!r}")
     if not params:
@@ -239,8 +226,8 @@ def evaluate_points(
     Returns:
         float64 losses on the CPU, one per point (non-finite values are kept as they are).
     """
-    _check_int("count", count, 1)
-    _check_int("chunk_size", chunk_size, 1)
+    check_int("count", count, 1)
+    check_int("chunk_size", chunk_size, 1)
     snapshot = op.vector()
     world = op.world_size
     losses = torch.empty(count, dtype=torch.float64)
@@ -336,7 +323,7 @@ def linear_interpolation(
     Raises:
         NonFiniteError: if the loss at θ is not finite.
     """
-    _check_int("resolution", resolution, 2)
+    check_int("resolution", resolution, 2)
     if start.shape != (op.size,):
         raise ValueError(f"`start` must be flat of size {op.size}, got {tuple(start.shape)}")
     theta = op.vector()

@@ -5,8 +5,10 @@
 .. math:: L(θ) = \\frac{1}{N} \\sum_{\\text{ranks}} \\sum_b n_b \\, \\ell_b(θ)
 
 where ``ℓ_b`` is the mean loss of probe batch ``b`` (``n_b`` samples) and ``N`` the number of
-probe samples on all ranks. It extends ``hessian_eigenthings.HessianOperator`` (whose
-double-backward HVP it reuses) in two ways that matter for correct numbers:
+probe samples on all ranks. It implements hessian-eigenthings' public operator interface
+(``CurvatureOperator``: ``size``, ``device``, ``dtype``, ``matvec``), so the library's solvers
+take it, and computes the double-backward HVP itself. It differs from the library's
+``HessianOperator`` in two ways that matter for correct numbers:
 
 - batches are weighted by their sample counts (the library averages batches uniformly);
 - under ``torch.distributed`` the weighted *sums* are all-reduced once per product, so every
@@ -51,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._compat import HessianOperator
+from ._compat import CurvatureOperator, select_parameters
 from .forward_mode import forward_over_reverse_hvp
 from .graph_budget import (
     CPU_GRAPH_BUDGET,
@@ -107,7 +109,7 @@ def _world(process_group: dist.ProcessGroup | None) -> int:
     return 1
 
 
-class ProbeHessian(HessianOperator):
+class ProbeHessian(CurvatureOperator):
     """Hessian of the sample-weighted probe loss with respect to (some of) the parameters.
 
     Args:
@@ -161,15 +163,16 @@ class ProbeHessian(HessianOperator):
             missing = sorted(wanted - known)
             if missing:
                 raise ValueError(f"`params` names unknown parameters: {missing}")
-        super().__init__(
-            model,
-            probe.batches,
-            loss_fn,
-            param_filter=None if wanted is None else (lambda name, _p: name in wanted),
+        selected = select_parameters(
+            model, None if wanted is None else (lambda name, _p: name in wanted)
         )
+        self.model = model
+        self.loss_fn = loss_fn
         self.probe = probe
-        self.names: list[str] = list(self._params)
-        self.parameters: list[torch.Tensor] = self._param_list
+        self.names: list[str] = list(selected)
+        self.parameters: list[torch.Tensor] = list(selected.values())
+        self._numel = sum(int(p.numel()) for p in self.parameters)
+        self._home_device = self.parameters[0].device
         self.hvp_method: HvpMethod = method
         self.reuse_graph = bool(reuse_graph) and method == "reverse_over_reverse"
         self._graphs: list[tuple[torch.Tensor, ...]] | None = None
@@ -188,10 +191,6 @@ class ProbeHessian(HessianOperator):
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
         return t
 
-    def _finish(self, total: torch.Tensor, what: str) -> torch.Tensor:
-        total = self._all_reduce(total) / self.num_samples
-        return self._checked(total, what)
-
     def _reduced(
         self, local: Callable[[], torch.Tensor], like: torch.Tensor, what: str
     ) -> torch.Tensor:
@@ -206,18 +205,34 @@ class ProbeHessian(HessianOperator):
             raise NonFiniteError(f"non-finite {what} on the probe")
         return total
 
+    # -- the operator interface ------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Length of the operator's vectors: the number of elements of :attr:`parameters`."""
+        return self._numel
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the (first) parameter, where products are computed."""
+        return self._home_device
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of vectors and results: the parameters', float32 for half precision
         (products are computed in the parameters' dtype, the solvers work in float32)."""
-        own = self._param_list[0].dtype if self._param_list else torch.float32
+        own = self.parameters[0].dtype if self.parameters else torch.float32
         return torch.float32 if own in (torch.float16, torch.bfloat16) else own
 
     def _split_as_params(self, v: torch.Tensor) -> list[torch.Tensor]:
-        return [t.to(p.dtype) for t, p in zip(self._split(v), self._param_list)]
+        """``v`` cut into tensors shaped (and typed) like :attr:`parameters`."""
+        return [t.to(p.dtype) for t, p in zip(unflatten(v, self.parameters), self.parameters)]
 
     # -- products --------------------------------------------------------------------------
-    def _matvec_full(self, v: torch.Tensor) -> torch.Tensor:
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` on the whole probe (sample-weighted, reduced over ranks)."""
+        if v.shape != (self._numel,):
+            raise ValueError(f"expected vector of shape ({self._numel},), got {tuple(v.shape)}")
+
         def local() -> torch.Tensor:
             total = torch.zeros_like(v)
             v_split = self._split_as_params(v)
@@ -286,9 +301,9 @@ class ProbeHessian(HessianOperator):
 
     def _gradient_graph(self, batch: Any) -> tuple[torch.Tensor, ...]:
         loss = self.loss_fn(self.model, batch)
-        grads = torch.autograd.grad(loss, self._param_list, create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(loss, self.parameters, create_graph=True, allow_unused=True)
         return tuple(
-            torch.zeros_like(p) if g is None else g for g, p in zip(grads, self._param_list)
+            torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.parameters)
         )
 
     def _second_backward(
@@ -299,7 +314,7 @@ class ProbeHessian(HessianOperator):
             return torch.zeros(self.size, dtype=self.dtype, device=self.device)
         hvp = torch.autograd.grad(
             [g for g, _ in pairs],
-            self._param_list,
+            self.parameters,
             grad_outputs=[v for _, v in pairs],
             retain_graph=retain,
             allow_unused=True,
@@ -307,7 +322,7 @@ class ProbeHessian(HessianOperator):
         return torch.cat(
             [
                 (torch.zeros_like(p) if h is None else h).reshape(-1)
-                for h, p in zip(hvp, self._param_list)
+                for h, p in zip(hvp, self.parameters)
             ]
         )
 
@@ -331,7 +346,8 @@ class ProbeHessian(HessianOperator):
         return self._second_backward(self._gradient_graph(batch), v_split, retain=False)
 
     def _hvp_forward_over_reverse(self, v_split: list[torch.Tensor], batch: Any) -> torch.Tensor:
-        return forward_over_reverse_hvp(self.model, self.loss_fn, self._params, v_split, batch)
+        params = dict(zip(self.names, self.parameters))
+        return forward_over_reverse_hvp(self.model, self.loss_fn, params, v_split, batch)
 
     def loss(self) -> float:
         """The probe loss (sample-weighted, reduced over ranks)."""
@@ -354,13 +370,13 @@ class ProbeHessian(HessianOperator):
             total = like.clone()
             for batch, n in self.probe.weighted():
                 loss = self.loss_fn(self.model, batch)
-                grads = torch.autograd.grad(loss, self._param_list, allow_unused=True)
+                grads = torch.autograd.grad(loss, self.parameters, allow_unused=True)
                 flat = torch.cat(
                     [
                         torch.zeros(p.numel(), dtype=self.dtype, device=self.device)
                         if g is None
                         else g.reshape(-1).to(self.dtype)
-                        for g, p in zip(grads, self._param_list)
+                        for g, p in zip(grads, self.parameters)
                     ]
                 )
                 total[:-1].add_(flat, alpha=n)
@@ -373,11 +389,11 @@ class ProbeHessian(HessianOperator):
 
     def vector(self) -> torch.Tensor:
         """Current parameter values, flat (a detached copy in the operator's dtype)."""
-        return flatten([p.detach() for p in self._param_list]).to(self.dtype).clone()
+        return flatten([p.detach() for p in self.parameters]).to(self.dtype).clone()
 
     def set_vector(self, vector: torch.Tensor) -> None:
         """Overwrite the parameters with ``vector`` (callers run inside :func:`guard`)."""
         self.release()
         with torch.no_grad():
-            for p, value in zip(self._param_list, unflatten(vector, self._param_list)):
+            for p, value in zip(self.parameters, unflatten(vector, self.parameters)):
                 p.copy_(value)

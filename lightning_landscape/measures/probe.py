@@ -56,6 +56,8 @@ from typing import Any
 
 import torch
 
+from lightning_landscape.checks import check_int
+
 __all__ = [
     "Probe",
     "batch_size_of",
@@ -262,11 +264,6 @@ def move_batch(
     return _rebuild(batch, lambda child: move_batch(child, device, dtype))
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-
-
 def _cuts(n: int, parts: int) -> list[tuple[int, int]]:
     """``parts`` consecutive ranges covering ``0:n`` whose lengths differ by at most one."""
     base, extra = divmod(n, parts)
@@ -322,7 +319,7 @@ class Probe:
         Raises:
             ValueError: if ``batch_size`` is not a positive integer.
         """
-        _check_positive("batch_size", batch_size)
+        check_int("batch_size", batch_size)
         batches: list[Any] = []
         sizes: list[int] = []
         for batch, n in self.weighted():
@@ -359,8 +356,8 @@ class Probe:
             ValueError: if ``size`` or ``batch_size`` is not a positive integer, or the source
                 yields no samples.
         """
-        _check_positive("size", size)
-        _check_positive("batch_size", batch_size)
+        check_int("size", size)
+        check_int("batch_size", batch_size)
         pieces: list[Any] = []
         taken = 0
         for batch in source:
@@ -379,7 +376,7 @@ class Probe:
     @classmethod
     def from_samples(cls, samples: Any, *, batch_size: int = 256) -> Probe:
         """Split one batch holding all samples into ``ceil(n / batch_size)`` near-equal batches."""
-        _check_positive("batch_size", batch_size)
+        check_int("batch_size", batch_size)
         n = batch_size_of(samples)
         cuts = _cuts(n, -(-n // batch_size))
         return cls([slice_batch(samples, a, b) for a, b in cuts], [b - a for a, b in cuts])

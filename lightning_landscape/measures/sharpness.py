@@ -123,7 +123,7 @@ def rho_sharpness(
         rho: radius of the ball.
         steps: ascent steps (≥ 1).
         adaptive: scale the ball by ``|θ| + offset`` (ASAM).
-        offset: the ``offset`` in ``T`` (``c`` in SCIENCE.md §A1).
+        offset: the ``offset`` in ``T`` (``c`` in docs/theory/sharpness.md §Definitions).
     """
     if not isinstance(rho, (int, float)) or isinstance(rho, bool) or rho <= 0:
         raise ValueError(f"`rho` must be a positive number, got {rho!r}")

@@ -8,7 +8,7 @@ channel and every spatial position counts as a sample), per unit u over the samp
   ``v_u = (1/N) Σ_i (h_iu − m_u)²``, so that ``v_u + m_u² = (1/N) Σ_i h_iu²`` is exactly the
   unit's second moment;
 - the fraction ``f = mean_u(v_u) / mean_u(v_u + m_u²)``: the share of the total second moment
-  that distinguishes samples (SCIENCE.md §A4). ``f`` lies in ``[0, 1]``; ``f = 0`` when every
+  that distinguishes samples (docs/theory/sample_variance.md §Definition). ``f`` lies in ``[0, 1]``; ``f = 0`` when every
   sample gives the same output (and, by convention, when the outputs are all zero).
 
 At He initialisation a deep ReLU MLP keeps the second moment but ``f`` decays with depth
@@ -61,15 +61,43 @@ LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.
 
 #: Modules whose outputs hold units (channels) along dim 1; every other module's outputs hold
 #: them along the last dim (``nn.Linear`` on ``(N, L, F)`` sequences: positions are samples).
+#: torch's public classes only (every subclass of its private bases ``_ConvNd``, ``_BatchNorm``,
+#: ``_InstanceNorm``, ``_MaxPoolNd``, ... is one of these or derives from one; lazy ones too).
 CHANNELS_FIRST_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.conv._ConvNd,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+    torch.ao.nn.quantized.BatchNorm2d,
+    torch.ao.nn.quantized.BatchNorm3d,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LazyInstanceNorm1d,
+    nn.LazyInstanceNorm2d,
+    nn.LazyInstanceNorm3d,
     nn.GroupNorm,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
 )
 
 

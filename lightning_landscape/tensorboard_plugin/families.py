@@ -1,5 +1,7 @@
 """Which callback logged which tags: ``landscape/<name>/<quantity>`` → instance, family.
 
+The quantities of each family are those declared in :mod:`lightning_landscape.metrics`.
+
 An instance may be named anything (``name=`` of a callback, inner ``/`` allowed), so the family
 is recognised from the quantities, not the name: a *signature* quantity names the family
 (``lambda_max`` → ``sharpness``, ``eig_3`` → ``hessian``, ...), and every other tag under the
@@ -25,6 +27,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from lightning_landscape.metrics import FAMILIES as DECLARED
+from lightning_landscape.metrics import Metric, metric
+from lightning_landscape.metrics import pattern as quantity_pattern
+
 __all__ = ["FAMILIES", "PREFIX", "TEXT_SUFFIX", "families", "layers"]
 
 #: Every tag of the suite starts with this.
@@ -32,28 +38,18 @@ PREFIX = "landscape/"
 #: ``SummaryWriter.add_text(tag, ...)`` stores the text under ``tag + TEXT_SUFFIX``.
 TEXT_SUFFIX = "/text_summary"
 
-#: family → (signature quantities, every quantity it logs), as anchored regexes.
+
+def _union(decls: Iterable[Metric]) -> str:
+    return "|".join(f"(?:{quantity_pattern(m)})" for m in decls)
+
+
+#: family → (signature quantities, every quantity it logs) as regexes for ``re.fullmatch``,
+#: generated from the declarations of :mod:`lightning_landscape.metrics`.
 FAMILIES: dict[str, tuple[str, str]] = {
-    "sharpness": (
-        r"lambda_max|preconditioned|threshold|ratio|rho",
-        r"lambda_max|preconditioned|threshold|ratio|rho|residual|skipped",
-    ),
-    "hessian": (
-        r"eig_\d+|lambda_min|trace|density_data",
-        r"eig_\d+|lambda_min|lambda_min_residual|trace|density_data|density|residual|skipped"
-        r"|rmed/[^/]+|[^/]+/eig_1",
-    ),
-    "gradient_flow": (
-        r"step_gap|deviation|window_steps",
-        r"step_gap|deviation|window_steps|skipped",
-    ),
-    "sample_variance": (r"last_over_first", r"[^/]+"),
-    "landscape": (r"barrier", r"barrier|skipped"),
-    "kfac": (
-        r"kl_scale|damping|factor_seconds|inverse_seconds|skipped_layers",
-        r"kl_scale|damping|factor_seconds|inverse_seconds|skipped_layers",
-    ),
+    family: (_union(m for m in decls if m.signature), _union(decls))
+    for family, decls in DECLARED.items()
 }
+_LAYER = re.compile(quantity_pattern(metric("sample_variance", "<module>")))
 _SIGNATURE = {f: re.compile(sig) for f, (sig, _) in FAMILIES.items()}
 _QUANTITY = {f: re.compile(q) for f, (_, q) in FAMILIES.items()}
 
@@ -130,5 +126,4 @@ def layers(quantities: Iterable[str]) -> list[str]:
         >>> layers(["net.10", "net.2", "last_over_first", "skipped", "net.1"])
         ['net.1', 'net.2', 'net.10']
     """
-    skip = {"last_over_first", "skipped"}
-    return sorted((q for q in quantities if q not in skip), key=_natural)
+    return sorted((q for q in quantities if _LAYER.fullmatch(q)), key=_natural)

@@ -4,6 +4,8 @@ TensorBoard finds :class:`LandscapePlugin` through the ``tensorboard_plugins`` e
 the installed wheel. The frontend (``static/index.js``, drawn with the vendored uPlot) asks
 these routes, all under ``/data/plugin/landscape/``:
 
+- ``/metrics``: the declared metrics of every family (:func:`.metrics.frontend_table`): the
+  sections in order, and which quantities (as regexes) each panel draws, with their labels;
 - ``/runs``: ``{"runs": {run: {"instances": {name: {"family", "quantities"}},
   "landscape_steps": [step, ...]}}}`` — the callback instances recognised from each run's
   ``landscape/*`` scalar and text tags (see :mod:`.families`), and the steps of the
@@ -38,6 +40,7 @@ from tensorboard.data import provider
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
+from lightning_landscape.metrics import frontend_table
 from lightning_landscape.tensorboard_plugin.families import PREFIX, TEXT_SUFFIX, families
 
 __all__ = ["PLUGIN_NAME", "STATIC_DIR", "LandscapePlugin"]
@@ -79,6 +82,7 @@ class LandscapePlugin(base_plugin.TBPlugin):
         routes = {
             "/index.js": self._serve_index,
             "/static/*": self._serve_static,
+            "/metrics": self._serve_metrics,
             "/runs": self._serve_runs,
             "/scalars": self._serve_scalars,
             "/density": self._serve_density,
@@ -176,6 +180,9 @@ class LandscapePlugin(base_plugin.TBPlugin):
             raise errors.NotFoundError(f"no static file {name!r}")
         content_type = _CONTENT_TYPES.get(path.suffix, "text/plain")
         return http_util.Respond(request, path.read_bytes(), content_type)
+
+    def _serve_metrics(self, request: wrappers.Request) -> wrappers.Response:
+        return http_util.Respond(request, frontend_table(), _JSON)
 
     def _serve_runs(self, request: wrappers.Request) -> wrappers.Response:
         ctx = plugin_util.context(request.environ)

@@ -19,22 +19,16 @@ Example::
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from lightning_landscape.checks import check_int, check_number
 from lightning_landscape.zoo.nets import MLP
 
 __all__ = ["DigitsDataModule", "TeacherStudentDataModule"]
-
-
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
 
 
 def _loader(
@@ -76,9 +70,8 @@ class _TensorDataModule(LightningDataModule):
 
     def __init__(self, *, batch_size: int, full_batch: bool, num_workers: int) -> None:
         super().__init__()
-        _check_positive("batch_size", batch_size)
-        if num_workers < 0:
-            raise ValueError(f"`num_workers` must be >= 0, got {num_workers!r}")
+        check_int("batch_size", batch_size)
+        check_int("num_workers", num_workers, low=0)
         self.batch_size = batch_size
         self.full_batch = full_batch
         self.num_workers = num_workers
@@ -162,7 +155,7 @@ class DigitsDataModule(_TensorDataModule):
         if not 1 <= num_val < self.num_samples:
             raise ValueError(f"`val_fraction`={val_fraction!r} leaves an empty split")
         if num_train is not None:
-            _check_positive("num_train", num_train)
+            check_int("num_train", num_train)
             if num_train > self.num_samples - num_val:
                 raise ValueError(
                     f"`num_train` must be <= {self.num_samples - num_val} (the training split for "
@@ -252,9 +245,8 @@ class TeacherStudentDataModule(_TensorDataModule):
             ("teacher_width", teacher_width),
             ("output_dim", output_dim),
         ]:
-            _check_positive(name, value)
-        if not (math.isfinite(noise) and noise >= 0):
-            raise ValueError(f"`noise` must be a finite float >= 0, got {noise!r}")
+            check_int(name, value)
+        check_number("noise", noise, include_low=True)
         self.num_train = num_train
         self.num_val = num_val
         self.input_dim = input_dim

@@ -20,6 +20,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from lightning_landscape.checks import check_choice, check_number
+
 __all__ = ["MLP", "SmallCNN", "Activation", "Init"]
 
 Activation = Literal["relu", "tanh", "gelu", "linear"]
@@ -32,11 +34,6 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "linear": nn.Identity,
 }
 _INITS = ("default", "he", "xavier")
-
-
-def _check_dropout(dropout: float) -> None:
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
 
 
 class MLP(nn.Module):
@@ -92,9 +89,8 @@ class MLP(nn.Module):
             raise ValueError(
                 f"`activation` must be one of {sorted(_ACTIVATIONS)}, got {activation!r}"
             )
-        _check_dropout(dropout)
-        if init not in _INITS:
-            raise ValueError(f"`init` must be one of {list(_INITS)}, got {init!r}")
+        check_number("dropout", dropout, high=1.0, include_low=True)
+        check_choice("init", init, list(_INITS))
         self.depth = depth
         self.width = width
         layers: list[nn.Module] = []
@@ -172,7 +168,7 @@ class SmallCNN(nn.Module):
                 f"`input_size`={input_size!r} is too small for {len(channels)} stages "
                 f"(each halves it); got `channels`={channels!r}"
             )
-        _check_dropout(dropout)
+        check_number("dropout", dropout, high=1.0, include_low=True)
         stages: list[nn.Module] = []
         prev = in_channels
         for out in channels:

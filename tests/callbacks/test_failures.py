@@ -47,11 +47,11 @@ class Flaky(Sharpness):
         self.fail_at = fail_at
         self.attempts: list[int] = []
 
-    def measure(self, ctx):  # type: ignore[no-untyped-def]
+    def measure(self, ctx, due):  # type: ignore[no-untyped-def]
         self.attempts.append(ctx.step)
         if ctx.step in self.fail_at:
             raise self.error
-        return super().measure(ctx)
+        return super().measure(ctx, due)
 
 
 def _landscape_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
@@ -146,10 +146,10 @@ class OutOfMemoryOnce(Sharpness):
         super().__init__(**kwargs)
         self.limit = limit
 
-    def measure(self, ctx):  # type: ignore[no-untyped-def]
+    def measure(self, ctx, due):  # type: ignore[no-untyped-def]
         if max(ctx.probe.sizes) > self.limit:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return super().measure(ctx)
+        return super().measure(ctx, due)
 
 
 def test_out_of_memory_retries_with_half_batches() -> None:

@@ -308,7 +308,7 @@ def test_non_finite_windows_and_gaps_are_skipped_training_goes_on() -> None:
     assert sorted(log.series(TAG + "deviation")) == [2]
     skipped = log.series(TAG + "skipped")
     assert skipped == {6: 1.0, 8: 2.0, 10: 3.0} and cb.skipped == 3
-    assert cb._window is None and "window_start" not in cb.vectors
+    assert not cb.windows.is_open and "window_start" not in cb.vectors
 
 
 def test_unknown_optimizer_warns_once_and_uses_lr() -> None:
@@ -342,7 +342,7 @@ def test_window_cost_is_charged_to_the_budget(monkeypatch: pytest.MonkeyPatch) -
 def test_fast_dev_run_does_nothing() -> None:
     cb = GradientFlowDeviation(settle_steps=0, every_n_steps=1, window=1, window_every_n_steps=1)
     fit([cb], fast_dev_run=2)
-    assert cb.probe is None and cb.last_metrics == {} and cb._window is None
+    assert cb.probe is None and cb.last_metrics == {} and not cb.windows.is_open
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,7 @@ class _TrainModeProbe(MeasurementCallback):
 
     family = "probe_test"
 
-    def measure(self, ctx: MeasureContext) -> dict[str, float]:
+    def measure(self, ctx: MeasureContext, due: frozenset[str]) -> dict[str, float]:
         ctx.pl_module.train()
         loss = ctx.loss_fn(ctx.pl_module, ctx.probe.batches[0])  # type: ignore[union-attr]
         loss.backward()

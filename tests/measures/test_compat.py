@@ -16,9 +16,7 @@ def test_version_is_a_supported_alpha():
 
 
 def test_signatures_we_call():
-    assert {"model", "dataloader", "loss_fn", "param_filter"} <= params(
-        _compat.HessianOperator.__init__
-    )
+    assert {"model", "param_filter"} <= params(_compat.select_parameters)
     assert {"num_matvecs", "seed"} <= params(_compat.hutch_plus_plus)
     assert {"num_runs", "lanczos_steps", "num_grid_points", "grid_padding", "seed"} <= params(
         _compat.spectral_density
@@ -26,13 +24,25 @@ def test_signatures_we_call():
     assert {"matvec_fn", "size", "dtype"} <= params(_compat.LambdaOperator.__init__)
 
 
-def test_private_hooks_we_override_or_reuse_exist():
-    # ProbeHessian subclasses HessianOperator and relies on these members
-    for name in ("_matvec_full", "_split", "_params", "_param_list"):
-        assert (
-            name in dir(_compat.HessianOperator)
-            or name in _compat.HessianOperator.__init__.__code__.co_names
-        )
+def test_operator_interface_we_implement():
+    # ProbeHessian implements exactly the abstract public members of CurvatureOperator
+    abstract = set(_compat.CurvatureOperator.__abstractmethods__)
+    assert abstract == {"size", "device", "dtype", "matvec"}
+
+
+def test_probe_hessian_is_a_curvature_operator_on_public_members_only():
+    from lightning_landscape.measures.operators import ProbeHessian
+    from lightning_landscape.measures.probe import Probe
+
+    assert ProbeHessian.__mro__[1] is _compat.CurvatureOperator  # no library operator in between
+    net = torch.nn.Linear(3, 1).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    probe = Probe.from_samples((x, torch.zeros(5, 1, dtype=torch.float64)), batch_size=2)
+    op = ProbeHessian(net, probe, lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    assert isinstance(op, _compat.CurvatureOperator)
+    assert (op.size, op.device, op.dtype) == (4, torch.device("cpu"), torch.float64)
+    v = torch.ones(4, dtype=torch.float64)
+    assert torch.equal(op(v), op.matvec(v)) and torch.equal(op @ v, op.rmatvec(v))
 
 
 def test_curvature_operator_protocol():

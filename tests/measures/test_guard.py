@@ -97,3 +97,60 @@ def test_restores_on_exception():
 def test_bad_bn_mode():
     with pytest.raises(ValueError, match="`bn`"), guard(nn.Linear(1, 1), bn="train"):  # type: ignore[arg-type]
         pass
+
+
+def _bn_pair(momentum: float | None) -> tuple[nn.Module, nn.Module]:
+    """The same network with ``nn.BatchNorm1d`` and with ``nn.SyncBatchNorm``."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, momentum=momentum), nn.Linear(6, 2))
+    synced = nn.Sequential(nn.Linear(4, 6), nn.SyncBatchNorm(6, momentum=momentum), nn.Linear(6, 2))
+    plain.train()(torch.randn(8, 4) * 2 + 1)  # non-trivial running statistics
+    synced.load_state_dict(plain.state_dict())
+    return plain.double(), synced.double()
+
+
+def _outputs(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    out = net(x)
+    (g,) = torch.autograd.grad(out.square().sum(), [net[1].weight], create_graph=True)
+    (hv,) = torch.autograd.grad(g.sum(), [net[1].weight])  # SyncBatchNorm has no double backward
+    return out, g, hv, net[1].running_mean.clone(), net[1].num_batches_tracked.clone()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_sync_batchnorm_in_batch_mode_computes_like_batchnorm(momentum):
+    plain, synced = _bn_pair(momentum)
+    before = {k: v.clone() for k, v in synced.state_dict().items()}
+    x = torch.randn(10, 4, dtype=torch.float64)
+    with guard(plain, bn="batch"):
+        want = [_outputs(plain, x) for _ in range(2)]
+    with guard(synced, bn="batch"):
+        got = [_outputs(synced, x) for _ in range(2)]
+    for w, g in zip(want, got):
+        assert all(torch.equal(a, b) for a, b in zip(w, g))  # bit-identical, buffers included
+    assert "forward" not in vars(synced[1])  # the local forward is removed on exit
+    assert all(torch.equal(before[k], v) for k, v in synced.state_dict().items())
+    with pytest.raises(ValueError, match="at least 2D"), guard(synced, bn="batch"):
+        synced[1](torch.randn(3, dtype=torch.float64))
+
+
+def test_sync_batchnorm_in_batch_mode_does_not_synchronise(tmp_path):
+    # in a process group a training SyncBatchNorm would synchronise (and refuses CPU input);
+    # under the guard it normalises with this rank's batch only
+    import torch.distributed as dist
+
+    plain, synced = _bn_pair(0.1)
+    x = torch.randn(10, 4, dtype=torch.float64)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        with pytest.raises(ValueError, match="GPU"):
+            synced.train()(x)
+        synced.load_state_dict(plain.state_dict())
+        with guard(plain, bn="batch"):
+            want = _outputs(plain, x)
+        with guard(synced, bn="batch"):
+            got = _outputs(synced, x)
+    finally:
+        dist.destroy_process_group()
+    assert all(torch.equal(a, b) for a, b in zip(want, got))

@@ -102,7 +102,7 @@ def test_measure_logs_lambda_min_residual_and_warns_once_at_the_cap():
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = [cb.measure(ctx) for _ in range(2)]  # type: ignore[arg-type]
+            out = [cb.measure(ctx, frozenset({"measure"})) for _ in range(2)]  # type: ignore[arg-type]
         capped = [w for w in caught if "hit its cap" in str(w.message)]
         assert len(capped) == (1 if warned else 0), (req, [str(w.message) for w in caught])
         assert {"eig_5", "lambda_min", "residual", "lambda_min_residual"} <= set(out[0])

@@ -117,12 +117,12 @@ def test_auto_budget_on_cuda_is_a_share_of_free_memory(monkeypatch):
     model = tiny_mlp()
     x, y = tiny_data(6)
     op = ProbeHessian(model, probe_of(x, y, 3), ce_loss)
-    monkeypatch.setattr(op, "_device", torch.device("cuda", 0))
+    monkeypatch.setattr(op, "_home_device", torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 4000))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 300)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100)
     assert op._budget_bytes() == pytest.approx(CUDA_GRAPH_FRACTION * 1200)
-    monkeypatch.setattr(op, "_device", torch.device("cpu"))
+    monkeypatch.setattr(op, "_home_device", torch.device("cpu"))
     assert op._budget_bytes() == CPU_GRAPH_BUDGET
 
 

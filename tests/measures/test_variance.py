@@ -186,7 +186,7 @@ def _decay(batchnorm: bool, seed: int) -> list[float]:
 
 
 def test_he_init_relu_mlp_decays_and_batchnorm_does_not() -> None:
-    """SCIENCE.md §A4: f ≈ 0.999, 0.69, 0.34, 0.15, 0.085 at layers 1, 2, 5, 10, 20 (width 256,
+    """docs/theory/sample_variance.md: f ≈ 0.999, 0.69, 0.34, 0.15, 0.085 at layers 1, 2, 5, 10, 20 (width 256,
     depth 20); with BatchNorm ≈ 0.69 from layer 2 on. Loose bands, mean of three nets."""
     seeds = (0, 1, 2)
     plain = [sum(v) / len(seeds) for v in zip(*(_decay(False, s) for s in seeds))]

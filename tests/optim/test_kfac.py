@@ -1,4 +1,4 @@
-"""K-FAC preconditioner against explicit float64 Kronecker computations (SCIENCE.md §B3).
+"""K-FAC preconditioner against explicit float64 Kronecker computations (docs/theory/kfac.md §Kronecker factors).
 
 Factors and preconditioned gradients of Linear (with in-place ReLU) and Conv2d layers against
 per-example loops and dense solves; 1×1 conv = Linear; batch-size and mean/sum invariance;
@@ -303,3 +303,26 @@ def test_schedules_are_evaluated_at_the_step() -> None:
     _backward(bad.model, x, y)
     with pytest.raises(ValueError, match=r"`damping`.*-1\.0.*step 0"):
         bad.step()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(padding=1),
+        dict(padding=(1, 2)),
+        dict(padding="same", dilation=(1, 2)),
+        dict(padding="same"),
+        dict(padding="valid"),
+        dict(padding=(0, 3), dilation=2),
+    ],
+)
+@pytest.mark.parametrize("kernel", [3, (2, 4), (4, 5)])
+def test_conv_padding_is_the_padding_the_convolution_applies(kw, kernel):
+    from lightning_landscape.optim.kfac.factors import conv_padding
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 3, kernel, bias=False, **kw).double()
+    x = torch.randn(2, 2, 9, 10, dtype=torch.float64)
+    padded = torch.nn.functional.pad(x, conv_padding(conv))
+    expected = torch.nn.functional.conv2d(padded, conv.weight, dilation=conv.dilation)
+    torch.testing.assert_close(conv(x), expected, rtol=0, atol=1e-12)

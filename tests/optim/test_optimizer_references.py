@@ -2,8 +2,8 @@
 
 The published special cases against torch.optim (RSG = SGD heavy ball / Nesterov / plain,
 ARSG Adam mode = Adam, and = constant-momentum NAdam once the bias corrections vanish), the
-equations of SCIENCE.md §B1–B2 written out in plain tensor algebra, and torch-optimizer's
-NovoGrad. The table-driven conventions are in ``test_optimizers.py``.
+update equations of the RSG/ARSG and NovoGrad docstrings (docs/api/optim.md) written out in
+plain tensor algebra, and torch-optimizer's NovoGrad. The table-driven conventions are in ``test_optimizers.py``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def test_arsg_adam_mode_with_mu_zero_is_adam(foreach: bool) -> None:
 
 def _arsg_reference(ps: Sequence[torch.Tensor], steps: int, *, lr: float, b1: float, b2: float,
                     mu: float, eps: float, wd: float, amsgrad: bool) -> list[Any]:  # fmt: skip
-    """SCIENCE.md §B1 written out (the MXNet reference for the AMSGrad mode)."""
+    """The ARSG docstring's equations written out (the MXNet reference for the AMSGrad mode)."""
     x, y = _data()
     th = [p.detach().clone() for p in ps]
     m = [torch.zeros_like(t) for t in th]
@@ -116,7 +116,7 @@ def test_arsg_adam_mode_with_mu_one_minus_beta1_is_constant_momentum_nadam() -> 
 
 def _novograd_reference(ps: Sequence[torch.Tensor], steps: int, *, lr: float, b1: float, b2: float,
                         eps: float, wd: float, avg: bool, ams: bool, maximize: bool) -> list[Any]:  # fmt: skip
-    """The equations of the NovoGrad docstring (SCIENCE.md §B2), one tensor = one layer."""
+    """The equations of the NovoGrad docstring, one tensor = one layer."""
     x, y = _data()
     th = [p.detach().clone() for p in ps]
     m = [torch.zeros_like(t) for t in th]

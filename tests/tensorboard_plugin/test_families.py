@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from lightning_landscape.tensorboard_plugin.families import families, layers
+import re
+
+from lightning_landscape import metrics
+from lightning_landscape.tensorboard_plugin.families import FAMILIES, families, layers
 
 T = "landscape/"
 
@@ -70,6 +73,27 @@ def test_tags_nobody_explains_are_ignored() -> None:
     }
     # other text summaries are not density data
     assert families([T + "hessian/notes/text_summary"]) == {}
+
+
+def _example(m: metrics.Metric) -> str:
+    """A quantity of ``m`` with its placeholders filled (``eig_<i>`` → ``eig_3``)."""
+    return re.sub(r"<(\w+)>", lambda g: "3" if g[1] == "i" else "net.3", m.quantity)
+
+
+def test_the_families_table_is_generated_from_the_declarations() -> None:
+    assert list(FAMILIES) == list(metrics.FAMILIES)
+    for family, decls in metrics.FAMILIES.items():
+        signature, every = (re.compile(p) for p in FAMILIES[family])
+        for m in decls:
+            q = _example(m)
+            assert every.fullmatch(q), (family, q)
+            assert bool(signature.fullmatch(q)) == m.signature, (family, q)
+        # an instance named anything: its signature quantities name the family, the rest join
+        suffix = {"text": "/text_summary"}
+        tags = [f"landscape/run/x/{_example(m)}{suffix.get(m.kind, '')}" for m in decls]
+        got = families(t for t, m in zip(tags, decls) if m.kind != "image")
+        logged = sorted(_example(m) for m in decls if m.kind != "image")
+        assert got == {"run/x": (family, tuple(logged))}, family
 
 
 def test_layers_in_depth_order() -> None:

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing import data_provider, plugin_event_mul
 from tensorboard.plugins import base_plugin
 from torch.utils.tensorboard import SummaryWriter
 
+from lightning_landscape.metrics import FAMILIES, frontend_table
 from lightning_landscape.tensorboard_plugin.plugin import STATIC_DIR, LandscapePlugin
 
 from .conftest import LAYERS, STEPS, get, launch, status
@@ -112,10 +113,28 @@ def test_landscape_checks_its_arguments(board: str) -> None:
 def test_frontend_files(board: str) -> None:
     index = get(f"{board}{ROUTE}/index.js")
     assert b"export async function render" in index
-    for name in ("charts.js", "uPlot.esm.js", "uPlot.min.css", "style.css", "uPlot.LICENSE"):
+    for name in (
+        "charts.js",
+        "declared.js",
+        "uPlot.esm.js",
+        "uPlot.min.css",
+        "style.css",
+        "uPlot.LICENSE",
+    ):
         assert get(f"{board}{ROUTE}/static/{name}") == (STATIC_DIR / name).read_bytes()
     for name in ("..%2Fplugin.py", "plugin.py", "nope.js", ".hidden", "%2E%2E"):
         assert status(f"{board}{ROUTE}/static/{name}") == 404, name
+
+
+def test_metrics_serves_the_declarations(board: str) -> None:
+    table = get(f"{board}{ROUTE}/metrics")
+    assert table == frontend_table()  # what the tab draws is what metrics.py declares
+    assert [f["family"] for f in table["families"]] == list(FAMILIES)
+    eos = [m for f in table["families"] for m in f["metrics"] if m["panel"] == "eos"]
+    assert [(m["quantity"], m["label"], m["dashed"]) for m in eos] == [
+        ("lambda_max", "λ_max", False), ("preconditioned", "preconditioned λ_max", False),
+        ("threshold", "threshold", True),
+    ]  # fmt: skip
 
 
 def test_the_wheel_registers_the_plugin() -> None:

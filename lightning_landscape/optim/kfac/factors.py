@@ -1,7 +1,7 @@
 r"""Per-layer K-FAC algebra: Kronecker factor statistics, eigendecompositions, damped solves.
 
 For a layer ``s = W ā`` (``ā = [a; 1]`` with a bias: the bias is the last column of the
-gradient matrix) the Fisher block is approximated by ``A ⊗ G`` (SCIENCE.md §B3):
+gradient matrix) the Fisher block is approximated by ``A ⊗ G`` (docs/theory/kfac.md §Kronecker factors):
 
 - ``nn.Linear``: ``A = (1/N) Σ_n ā āᵀ`` and ``G = (1/N) Σ_n g gᵀ``, ``g = ∂ℓ_n/∂s`` the
   per-example output gradient. Inputs with extra dimensions ``(N, ..., in)`` are treated like
@@ -81,6 +81,20 @@ def _with_bias(rows: torch.Tensor) -> torch.Tensor:
     return F.pad(rows, (0, 1), value=1.0)
 
 
+def conv_padding(module: nn.Conv2d) -> list[int]:
+    """``F.pad``'s amounts for ``module.padding`` (last dimension first, left then right)."""
+    pad: list[int] = []
+    for i in reversed(range(len(module.kernel_size))):
+        if module.padding == "same":  # the odd extra goes to the right, as in torch
+            total = module.dilation[i] * (module.kernel_size[i] - 1)
+            pad += [total // 2, total - total // 2]
+        elif module.padding == "valid":
+            pad += [0, 0]
+        else:
+            pad += [int(module.padding[i])] * 2
+    return pad
+
+
 def _conv_rows(module: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Patches ``(N·T, C·kh·kw)`` (channel-major, like ``weight.reshape(out, -1)``).
 
@@ -89,8 +103,8 @@ def _conv_rows(module: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     if x.dim() == 3:
         x = x.unsqueeze(0)
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    if any(module._reversed_padding_repeated_twice):
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    if any(pad := conv_padding(module)):
+        x = F.pad(x, pad, mode=mode)
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     patches = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
     if dh > 1 or dw > 1:
@@ -149,8 +163,12 @@ def set_gradient(module: nn.Module, matrix: torch.Tensor) -> None:
     weight: torch.Tensor = module.weight  # type: ignore[assignment]
     bias = getattr(module, "bias", None)
     cols = matrix.shape[1] - (1 if bias is not None else 0)
-    assert weight.grad is not None
-    weight.grad.copy_(matrix[:, :cols].reshape(weight.shape))
+    wg = weight.grad
+    assert wg is not None
+    if wg.is_contiguous():  # no temporary for the non-contiguous column slice
+        wg.view(matrix.shape[0], -1).copy_(matrix[:, :cols])
+    else:
+        wg.copy_(matrix[:, :cols].reshape(weight.shape))
     if bias is not None:
         bias.grad.copy_(matrix[:, cols])  # type: ignore[union-attr]
 

@@ -19,6 +19,7 @@ from .fisher import sample_fisher
 from .hooks import register
 from .hyper import Hyper, check_choice, check_positive_int, check_regex, check_that
 from .layer import select_layers, unwrap
+from .profile import attach, detach
 from .sharing import tied_message
 from .updates import gradients_finite, inverse_sqrt, precondition, update_factors, update_inverses
 
@@ -49,7 +50,7 @@ class KFACPreconditioner:
         pre.step()          # p.grad ← ν · (G ⊗ A + λI)⁻¹ p.grad for every registered layer
         optimizer.step()
 
-    Per registered layer (SCIENCE.md §B3): ``A`` from the layer inputs, ``G`` from the
+    Per registered layer (docs/theory/kfac.md §Kronecker factors): ``A`` from the layer inputs, ``G`` from the
     per-example output gradients (KFAC-expand for convolutions; the bias is the last column).
     ``G`` is the *empirical* Fisher factor of the backward pass that already happens, made
     per-example: with ``loss_reduction="mean"`` the recorded output gradients are multiplied by
@@ -90,8 +91,8 @@ class KFACPreconditioner:
         factor_update_every: ``T_cov``: record statistics and update factors every T steps.
         inverse_update_every: ``T_inv``: recompute the eigendecompositions every T steps.
         kl_clip: ``κ > 0`` (number or callable of the step), or ``None`` (no clipping).
-        optimizer: The optimizer whose group-0 lr is ``η``; K-FAC also registers its
-            stability rule on it (:mod:`lightning_landscape.optim.stability_kfac`).
+        optimizer: The optimizer whose group-0 lr is ``η``; K-FAC also attaches its
+            profile to it (:mod:`lightning_landscape.optim.kfac.profile`).
         lr: ``η`` (number or callable of the step) instead of reading the optimizer.
         loss_reduction: ``"mean"`` (the step's gradient is the mean over the examples
             recorded since the last step) or ``"sum"``.
@@ -206,8 +207,6 @@ class KFACPreconditioner:
         self._sampling = self._sampled = False  # inside / after sample_fisher this window
         self._warned: set[str] = set()
         if optimizer is not None:
-            from ..stability_kfac import attach
-
             attach(self, optimizer)
 
     # -- recording ----------------------------------------------------------------------------
@@ -393,6 +392,4 @@ class KFACPreconditioner:
             handle.remove()
         self._handles.clear()
         if self.optimizer is not None:
-            from ..stability_kfac import detach
-
             detach(self, self.optimizer)

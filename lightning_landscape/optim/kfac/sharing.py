@@ -42,9 +42,7 @@ def holders(model: nn.Module) -> dict[int, list[str]]:
         if id(module) in seen:
             continue
         seen.add(id(module))
-        for pname, p in module._parameters.items():
-            if p is None:
-                continue
+        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
             names.setdefault(id(p), []).append(f"{prefix}.{pname}" if prefix else pname)
             modules.setdefault(id(p), set()).add(id(module))
     return {key: names[key] for key, owners in modules.items() if len(owners) > 1}

@@ -6,15 +6,17 @@
 // flow (GradientFlowDeviation), Landscape (LossLandscape .npz files), K-FAC. Line charts overlay
 // the selected runs with a legend; heatmaps are drawn per run, side by side. Each panel element
 // carries data-panel (its kind), data-instance, data-run (heatmaps) and data-points.
+//
+// Which quantities a panel draws, their labels, the sections and their order come from the
+// metric declarations (lightning_landscape/metrics.py) the backend serves as `metrics`: no
+// tag is spelled here.
 
 import {DASHES, PALETTE, el, fmt, heatmap, lineChart} from './static/charts.js';
+import {decl, loadMetrics, naturalSort, pick} from './static/declared.js';
 
-const FAMILY_ORDER = ['sharpness', 'hessian', 'sample_variance', 'gradient_flow', 'landscape', 'kfac'];
-const TITLES = {
-  sharpness: 'Edge of stability', hessian: 'Spectrum', sample_variance: 'Depth',
-  gradient_flow: 'Gradient flow', landscape: 'Landscape', kfac: 'K-FAC',
-};
 const state = {runs: {}, selected: new Set(), cache: new Map(), generation: 0};
+
+const picked = (inst, kind) => pick(kind, inst.quantities);
 
 async function getJSON(url) {
   if (!state.cache.has(url)) {
@@ -45,6 +47,7 @@ async function load(runBox, main, again) {
   document.body.dataset.ready = 'false';
   state.cache.clear();
   try {
+    await loadMetrics(getJSON);
     state.runs = (await getJSON('runs')).runs;
   } catch (err) {
     main.replaceChildren(el('p', {class: 'error', text: `Could not load runs: ${err}`}));
@@ -91,9 +94,9 @@ async function draw(host) {
   const withFiles = [...state.selected].filter((r) => state.runs[r]?.landscape_steps.length);
   if (withFiles.length) found.landscape = [{name: 'landscape', quantities: new Set(), runs: withFiles}];
   const jobs = [];
-  for (const family of FAMILY_ORDER) {
+  for (const family of decl.order) {
     for (const inst of found[family] || []) {
-      const title = TITLES[family] + (inst.name === family ? '' : ` — ${inst.name}`);
+      const title = decl.titles[family] + (inst.name === family ? '' : ` — ${inst.name}`);
       const grid = el('div', {class: 'grid'});
       main.appendChild(el('section', {'data-family': family, 'data-instance': inst.name},
         [el('h2', {text: title}), grid]));
@@ -129,19 +132,20 @@ function logToggle(p, initial, redraw) {
   redraw(initial);
 }
 
-// Series of `quantities` for every run of `inst`: distinct colours, dashes for `dashed` ones.
-async function seriesOf(inst, quantities, {dashed = [], label = (qn) => qn} = {}) {
+// Series of the `pick`ed quantities for every run of `inst`: distinct colours, dashes for the
+// ones declared dashed.
+async function seriesOf(inst, quantities) {
   const data = await Promise.all(inst.runs.map((run) => scalars(run, inst.name)));
   const out = [];
   const many = inst.runs.length > 1;
   inst.runs.forEach((run, r) => {
-    for (const qn of quantities) {
+    for (const {q: qn, m, label} of quantities) {
       const d = data[r][qn];
       if (!d) continue;
       const i = out.length;
-      out.push({label: many ? `${label(qn)} · ${run}` : label(qn), steps: d.steps, values: d.values,
+      out.push({label: many ? `${label} · ${run}` : label, steps: d.steps, values: d.values,
         color: PALETTE[i % PALETTE.length],
-        dash: dashed.includes(qn) ? [6, 3] : DASHES[Math.floor(i / PALETTE.length) % DASHES.length]});
+        dash: m.dashed ? [6, 3] : DASHES[Math.floor(i / PALETTE.length) % DASHES.length]});
     }
   });
   return out;
@@ -161,20 +165,21 @@ function linePanel(grid, inst, kind, title, caption, series, opts = {}) {
   return p;
 }
 
-const eigIndex = (name) => Number(name.slice(4));
+// The layer a quantity of panel `kind` belongs to (its placeholder), else undefined.
+const layerOf = (kind) => (x) => pick(kind, [x])[0]?.arg;
 
 const SECTIONS = {
   async sharpness(grid, inst) {
-    const qs = ['lambda_max', 'preconditioned', 'threshold'].filter((x) => inst.quantities.has(x));
-    const names = {lambda_max: 'λ_max', preconditioned: 'preconditioned λ_max', threshold: 'threshold'};
+    const qs = picked(inst, 'eos');
     if (qs.length) {
-      const series = await seriesOf(inst, qs, {dashed: ['threshold'], label: (x) => names[x]});
+      const series = await seriesOf(inst, qs);
       linePanel(grid, inst, 'eos', 'Sharpness vs stability threshold',
         'λ_max of the probe-loss Hessian (and of the preconditioned one) against the optimizer\'s threshold.',
         series, {yLabel: 'curvature', log: 'auto', logFactor: 10});  // > 10x: λ_max flat on a linear axis
     }
-    if (inst.quantities.has('ratio')) {
-      const series = await seriesOf(inst, ['ratio'], {label: () => 'ratio'});
+    const ratio = picked(inst, 'ratio');
+    if (ratio.length) {
+      const series = await seriesOf(inst, ratio);
       linePanel(grid, inst, 'ratio', 'Sharpness / threshold',
         '≈ 1 at the edge of stability.', series,
         {refs: [{label: 'edge of stability (1)', value: 1}], yLabel: 'ratio'});
@@ -182,32 +187,31 @@ const SECTIONS = {
   },
 
   async hessian(grid, inst) {
-    const eigs = [...inst.quantities].filter((x) => /^eig_\d+$/.test(x)).sort((a, b) => eigIndex(a) - eigIndex(b));
-    const qs = [...eigs, ...(inst.quantities.has('lambda_min') ? ['lambda_min'] : [])];
+    const qs = picked(inst, 'spectrum');
     if (qs.length) {
-      const series = await seriesOf(inst, qs, {dashed: ['lambda_min'],
-        label: (x) => (x === 'lambda_min' ? 'λ_min' : `λ_${eigIndex(x)}`)});
+      const series = await seriesOf(inst, qs);
       linePanel(grid, inst, 'spectrum', 'Top eigenvalues and λ_min',
         'The k algebraically largest Hessian eigenvalues and the smallest one (log scale hides λ ≤ 0).',
         series, {yLabel: 'eigenvalue', log: 'auto'});
     }
-    if (inst.quantities.has('trace')) {
-      const series = await seriesOf(inst, ['trace'], {label: () => 'tr(H)'});
+    const trace = picked(inst, 'trace');
+    if (trace.length) {
+      const series = await seriesOf(inst, trace);
       linePanel(grid, inst, 'trace', 'Hessian trace', 'Hutch++ estimate of tr(H) on the probe.',
         series, {yLabel: 'trace', log: 'auto'});
     }
-    const blockOf = (x) => (/^rmed\//.test(x) ? null : (x.match(/^(.+)\/eig_1$/) || [])[1]);
+    const blockOf = layerOf('layer-eig');
     if ([...inst.quantities].some(blockOf)) {
       await layerProfile(grid, inst, 'layer-eig', 'Top eigenvalue by layer', blockOf,
         'λ_max of each layer\'s Hessian block (its parameters only, the rest fixed) by layer index, at the chosen step (each run: its latest measurement at or before it).',
         'block λ_max');
     }
-    const rmedOf = (x) => (x.match(/^rmed\/(.+)$/) || [])[1];
+    const rmedOf = layerOf('layer-rmed');
     if ([...inst.quantities].some(rmedOf)) {
       await layerProfile(grid, inst, 'layer-rmed', 'R_med by layer', rmedOf,
         'max |H_ii| / median |H_ii| over each layer\'s diagonal, at the chosen step.', 'R_med');
     }
-    if (!inst.quantities.has('density_data')) return;
+    if (!picked(inst, 'density').length) return;
     await Promise.all(inst.runs.map(async (run) => {
       const d = await getJSON(`density?${q({run, instance: inst.name})}`);
       if (!d.steps.length) return;
@@ -223,7 +227,7 @@ const SECTIONS = {
 
   async sample_variance(grid, inst) {
     const data = await Promise.all(inst.runs.map((run) => scalars(run, inst.name)));
-    const layersOf = (d) => naturalSort(Object.keys(d).filter((k) => k !== 'last_over_first' && k !== 'skipped'));
+    const layersOf = (d) => pick('depth', Object.keys(d)).map((x) => x.q);
     const per = inst.runs.map((run, r) => ({run, d: data[r], layers: layersOf(data[r])})).filter((x) => x.layers.length);
     for (const {run, d, layers} of per) {
       const steps = [...new Set(layers.flatMap((l) => d[l].steps))].sort((a, b) => a - b);
@@ -259,7 +263,7 @@ const SECTIONS = {
   },
 
   async gradient_flow(grid, inst) {
-    const qs = ['step_gap', 'deviation'].filter((x) => inst.quantities.has(x));
+    const qs = picked(inst, 'flow');
     if (!qs.length) return;
     const series = await seriesOf(inst, qs);
     linePanel(grid, inst, 'flow', 'Distance to gradient flow',
@@ -268,15 +272,15 @@ const SECTIONS = {
   },
 
   async kfac(grid, inst) {
-    const qs = ['kl_scale', 'damping'].filter((x) => inst.quantities.has(x));
+    const qs = picked(inst, 'kfac');
     if (qs.length) {
-      const series = await seriesOf(inst, qs, {label: (x) => (x === 'kl_scale' ? 'KL scale ν' : 'damping λ')});
+      const series = await seriesOf(inst, qs);
       linePanel(grid, inst, 'kfac', 'KL clipping and damping', 'ν ≤ 1 scales the K-FAC step; λ is the damping.',
         series, {yLabel: 'value', log: 'auto'});
     }
-    const secs = ['factor_seconds', 'inverse_seconds'].filter((x) => inst.quantities.has(x));
+    const secs = picked(inst, 'kfac-seconds');
     if (secs.length) {
-      const series = await seriesOf(inst, secs, {label: (x) => (x === 'factor_seconds' ? 'factor update' : 'eigendecomposition')});
+      const series = await seriesOf(inst, secs);
       linePanel(grid, inst, 'kfac-seconds', 'K-FAC seconds',
         'Wall time of the last factor update and of the last eigendecomposition.', series,
         {yLabel: 'seconds', log: 'auto'});
@@ -376,9 +380,4 @@ function layerTicks(n) {
   const every = Math.max(1, Math.ceil(n / 10));
   return Array.from({length: n}, (_, i) => i + 1).filter((i) => i === 1 || i % every === 0)
     .map((i) => ({at: i, label: String(i)}));
-}
-
-function naturalSort(names) {
-  const key = (s) => s.split(/(\d+)/).map((p) => (/^\d+$/.test(p) ? p.padStart(12, '0') : p)).join('');
-  return [...names].sort((a, b) => (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : 0));
 }
