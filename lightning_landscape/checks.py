@@ -37,6 +37,7 @@ __all__ = [
     "check_steps",
     "check_strings",
     "check_tag",
+    "check_regex",
     "check_that",
     "is_int",
     "is_number",
@@ -176,3 +177,14 @@ def check_steps(name: str, value: Any) -> list[int]:
     ok = not isinstance(value, (str, bytes)) and isinstance(value, Sequence | set | frozenset)
     check_that(name, value, ok and all(is_int(s) and s >= 0 for s in value), what)
     return sorted(set(value))
+
+
+def check_regex(name: str, value: Any) -> re.Pattern[str] | None:
+    """``None`` or a regular expression string, returned compiled."""
+    if value is None:
+        return None
+    check_that(name, value, isinstance(value, str), "a regular expression string or None")
+    try:
+        return re.compile(value)
+    except re.error as err:
+        raise ValueError(f"`{name}` is not a valid regular expression: {value!r} ({err})") from err

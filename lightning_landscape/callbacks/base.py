@@ -43,7 +43,6 @@ from typing_extensions import override
 from lightning_landscape import panels
 from lightning_landscape.callbacks import probing, reporting
 from lightning_landscape.callbacks.cadence import Cadence
-from lightning_landscape.callbacks.checks import run_length, sync
 from lightning_landscape.callbacks.context import MeasureContext, Pausable
 from lightning_landscape.callbacks.failures import (
     FailurePolicy,
@@ -52,6 +51,7 @@ from lightning_landscape.callbacks.failures import (
     halved_probe,
 )
 from lightning_landscape.callbacks.options import ProbeOptions
+from lightning_landscape.callbacks.run_info import run_length, sync
 from lightning_landscape.callbacks.schedule import Budgeted, Event, Schedule, account
 from lightning_landscape.callbacks.shared import (
     SolveRequest,

@@ -22,15 +22,10 @@ from typing_extensions import override
 
 from lightning_landscape import panels
 from lightning_landscape.callbacks.context import Pausable
-from lightning_landscape.checks import check_bool
+from lightning_landscape.checks import check_bool, check_choice, check_int, check_regex
 from lightning_landscape.metrics import KFAC as KFAC_METRICS
 from lightning_landscape.optim.kfac import KFACPreconditioner, StepInfo
-from lightning_landscape.optim.kfac.hyper import (
-    Hyper,
-    check_choice,
-    check_positive_int,
-    check_regex,
-)
+from lightning_landscape.optim.kfac.hyper import Hyper
 
 __all__ = ["KFAC"]
 
@@ -105,8 +100,8 @@ class KFAC(Callback, Pausable):
     ) -> None:
         Hyper("damping", damping, low=0.0)
         Hyper("factor_decay", factor_decay, low=0.0, high=1.0, closed_low=True)
-        check_positive_int("factor_update_every", factor_update_every)
-        check_positive_int("inverse_update_every", inverse_update_every)
+        check_int("factor_update_every", factor_update_every)
+        check_int("inverse_update_every", inverse_update_every)
         if kl_clip is not None:
             Hyper("kl_clip", kl_clip, low=0.0)
         if lr is not None:

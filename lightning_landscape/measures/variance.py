@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from .guard import BATCHNORM_TYPES
 from .operators import NonFiniteError
 
 __all__ = [
@@ -70,15 +71,7 @@ CHANNELS_FIRST_TYPES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.LazyBatchNorm1d,
-    nn.LazyBatchNorm2d,
-    nn.LazyBatchNorm3d,
-    torch.ao.nn.quantized.BatchNorm2d,
-    torch.ao.nn.quantized.BatchNorm3d,
+    *BATCHNORM_TYPES,
     nn.InstanceNorm1d,
     nn.InstanceNorm2d,
     nn.InstanceNorm3d,

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from lightning_landscape.checks import check_bool
+
 from ._base import (
     LandscapeOptimizer,
     check_betas,
@@ -108,8 +110,7 @@ class NovoGrad(LandscapeOptimizer):
         check_positive("eps", group["eps"])
         check_nonneg("weight_decay", group["weight_decay"])
         for name in ("grad_averaging", "amsgrad", "maximize"):
-            if not isinstance(group[name], bool):
-                raise ValueError(f"`{name}` must be a bool, got {group[name]!r}")
+            check_bool(name, group[name])
 
     def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         dtype = state_dtype(param)

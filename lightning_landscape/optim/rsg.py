@@ -11,7 +11,7 @@ direction mixes the EMA momentum with the fresh gradient through the observation
 RSG steps along ``u``; ARSG divides it by an adaptive diagonal preconditioner. With
 ``maximize`` the gradient is negated before the weight decay is added (torch's convention), so
 maximising ``f`` is minimising ``−f`` exactly; the stability registry then gives ``None`` (see
-:mod:`lightning_landscape.optim.stability_ours`). Kernels live in
+its profile in :mod:`lightning_landscape.optim.profiles_ours`). Kernels live in
 :mod:`lightning_landscape.optim._rsg_functional`.
 """
 
@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+from lightning_landscape.checks import check_bool
 
 from . import _rsg_functional as F
 from ._base import (
@@ -33,11 +35,6 @@ from ._base import (
 )
 
 __all__ = ["ARSG", "RSG"]
-
-
-def _check_bool(group: dict[str, Any], name: str) -> None:
-    if not isinstance(group[name], bool):
-        raise ValueError(f"`{name}` must be a bool, got {group[name]!r}")
 
 
 class RSG(LandscapeOptimizer):
@@ -110,7 +107,7 @@ class RSG(LandscapeOptimizer):
         check_beta("beta", group["beta"])
         check_beta("observation", group["observation"], closed=True)
         check_nonneg("weight_decay", group["weight_decay"])
-        _check_bool(group, "maximize")
+        check_bool("maximize", group["maximize"])
 
     def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -231,8 +228,8 @@ class ARSG(LandscapeOptimizer):
         check_beta("observation", group["observation"], closed=True)
         check_positive("eps", group["eps"])
         check_nonneg("weight_decay", group["weight_decay"])
-        _check_bool(group, "amsgrad")
-        _check_bool(group, "maximize")
+        check_bool("amsgrad", group["amsgrad"])
+        check_bool("maximize", group["maximize"])
 
     def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         dtype = state_dtype(param)

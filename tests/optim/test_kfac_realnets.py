@@ -31,8 +31,8 @@ from lightning_landscape.callbacks.kfac import KFAC
 from lightning_landscape.callbacks.sharpness import Sharpness
 from lightning_landscape.measures.operators import flatten, unflatten
 from lightning_landscape.optim.kfac import KFACPreconditioner
+from lightning_landscape.optim.kfac.profile import attach
 from lightning_landscape.optim.stability import stability_of
-from lightning_landscape.optim.stability_kfac import attach
 from tests.callbacks.helpers import RecordingLogger
 
 from .kfac_reference import (

@@ -335,7 +335,7 @@ def test_every_optim_module_imports_first_in_a_fresh_interpreter() -> None:
     mods = _optim_modules()
     assert "lightning_landscape.optim.kfac.preconditioner" in mods and len(mods) > 15
     for first in ("lightning_landscape.optim.kfac.preconditioner",
-                  "lightning_landscape.optim.stability_kfac"):  # fmt: skip
+                  "lightning_landscape.optim.kfac.profile"):  # fmt: skip
         subprocess.run([sys.executable, "-c", f"import {first}"], check=True, timeout=300)
     subprocess.run([sys.executable, "-c", _ORDERS, *mods], check=True, timeout=600)
 

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch.nn import functional as F
 
-from .hyper import check_choice, check_that
+from lightning_landscape.checks import check_choice, check_that
+
 from .layer import KFACLayer
 
 if TYPE_CHECKING:

@@ -1,7 +1,8 @@
-"""Validation of K-FAC hyperparameters: numbers, schedules (callables of the step), choices.
+"""Validation of K-FAC hyperparameters that may be schedules (callables of the step).
 
 Shared by :class:`~lightning_landscape.optim.kfac.KFACPreconditioner` and the Lightning callback,
-so both reject the same bad arguments with a ``ValueError`` naming the argument and the value.
+so both reject the same bad arguments with a ``ValueError`` naming the argument and the value
+(plain arguments are checked with :mod:`lightning_landscape.checks`).
 A schedule is any callable ``step -> float``; its value is checked when it is evaluated.
 
 Example::
@@ -20,23 +21,14 @@ Example::
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
-__all__ = [
-    "Hyper",
-    "check_choice",
-    "check_positive_int",
-    "check_regex",
-    "check_that",
-]
+from lightning_landscape.checks import is_number
+
+__all__ = ["Hyper"]
 
 Schedule = float | Callable[[int], float]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Hyper:
@@ -68,7 +60,7 @@ class Hyper:
         self.name = name
         self.low, self.high = low, high
         self.closed_low, self.closed_high = closed_low, closed_high
-        if not callable(value) and not _is_number(value):
+        if not callable(value) and not is_number(value):
             raise ValueError(
                 f"`{name}` must be {self._interval()} or a callable of the step, got {value!r}"
             )
@@ -104,42 +96,8 @@ class Hyper:
         if not callable(self.value):
             return float(self.value)
         raw = self.value(step)
-        if not _is_number(raw) and not hasattr(raw, "__float__"):
+        if not is_number(raw) and not hasattr(raw, "__float__"):
             raise ValueError(
                 f"`{self.name}` schedule must return a number, got {raw!r} at step {step}"
             )
         return self._check(float(raw), raw, step)
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """``value`` if it is an integer ``>= 1``, else ``ValueError``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-    return value
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else ``ValueError``."""
-    if value not in choices:
-        options = " or ".join(repr(c) for c in choices)
-        raise ValueError(f"`{name}` must be {options}, got {value!r}")
-    return str(value)
-
-
-def check_regex(name: str, value: Any) -> re.Pattern[str] | None:
-    """``None`` or a compiled regular expression (``ValueError`` for anything else)."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"`{name}` must be a regular expression string or None, got {value!r}")
-    try:
-        return re.compile(value)
-    except re.error as err:
-        raise ValueError(f"`{name}` is not a valid regular expression: {value!r} ({err})") from err
-
-
-def check_that(name: str, value: Any, ok: bool, expected: str) -> Any:
-    """``value`` if ``ok``, else ``ValueError("`name` must be <expected>, got <value>")``."""
-    if not ok:
-        raise ValueError(f"`{name}` must be {expected}, got {value!r}")
-    return value

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_landscape.checks import check_choice, check_int, check_regex, check_that
+
 from . import checkpoint
 from .factors import DampingMode
 from .fisher import sample_fisher
 from .hooks import register
-from .hyper import Hyper, check_choice, check_positive_int, check_regex, check_that
+from .hyper import Hyper
 from .layer import select_layers, unwrap
 from .profile import attach, detach
 from .sharing import tied_message
@@ -152,8 +154,8 @@ class KFACPreconditioner:
         check_that("model", model, isinstance(model, nn.Module), "a torch.nn.Module")
         self.damping = Hyper("damping", damping, low=0.0)
         self.factor_decay = Hyper("factor_decay", factor_decay, low=0.0, high=1.0, closed_low=True)
-        self.factor_update_every = check_positive_int("factor_update_every", factor_update_every)
-        self.inverse_update_every = check_positive_int("inverse_update_every", inverse_update_every)
+        self.factor_update_every = check_int("factor_update_every", factor_update_every)
+        self.inverse_update_every = check_int("inverse_update_every", inverse_update_every)
         self.kl_clip = None if kl_clip is None else Hyper("kl_clip", kl_clip, low=0.0)
         self.lr = None if lr is None else Hyper("lr", lr, low=0.0)
         is_opt = isinstance(optimizer, (torch.optim.Optimizer, type(None)))
