@@ -17,7 +17,10 @@ other processes on the shared machine do not count) with/without callbacks, medi
 ``--pairs`` interleaved pairs; wall-time ratios too, with the CPU time other processes used
 meanwhile (``common.ForeignCpu``) to flag a busy machine.
 
-Run: ``PYTHONPATH=. python benchmarks/cadence.py [--short 1000 --long 10000 --pairs 3]``.
+Run: ``PYTHONPATH=. python benchmarks/cadence.py [--short 1000 --long 10000 --pairs 3]``
+(``--long 0``: the short rows only). Also reported: the cost of the cold step-0 point of each
+callback (with the probe capture and calibration, charged to the first) and the share each
+callback accounted for itself (measuring + hook dispatch), against the CPU-time overhead.
 """
 
 from __future__ import annotations
@@ -186,6 +189,9 @@ def fit(row: str, steps: int, with_callbacks: bool) -> dict[str, Any]:
             "second": steps_logged[1] if len(steps_logged) > 1 else None,
             "probe": cb.plan_summary.get("probe_size"),
             "seconds": cb.seconds,
+            "first": cb.run_summary.get("first_seconds"),
+            "dispatch": cb.run_summary.get("dispatch_seconds"),
+            "share": cb.run_summary.get("share"),
         }
     return out
 
@@ -210,6 +216,8 @@ def main() -> None:
             ("short", args.short, args.pairs),
             ("long", args.long, args.long_pairs),
         ):
+            if steps <= 0 or pairs <= 0:  # --long 0: short rows only
+                continue
             runs = []
             for i in range(pairs):
                 order = (False, True) if i % 2 == 0 else (True, False)
@@ -225,13 +233,15 @@ def main() -> None:
     save("cadence", results)
     print(
         "\n| model | run | steps | probe | Sharpness points | 2nd point | Hessian points | "
-        "2nd point | CPU-time overhead | wall overhead | other processes |"
+        "2nd point | cold step-0 point (S + H) | accounted share (S + H) | CPU-time overhead | "
+        "wall overhead | other processes |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row, length, steps, s, h, cpu, wall, busy in table:
         print(
             f"| {row} | {length} | {steps} | {s['probe']} | {s['points']} | {s['second']} | "
-            f"{h['points']} | {h['second']} | {100 * (cpu - 1):+.1f}% | "
+            f"{h['points']} | {h['second']} | {s['first']:.2f} + {h['first']:.2f} s | "
+            f"{100 * s['share']:.1f} + {100 * h['share']:.1f}% | {100 * (cpu - 1):+.1f}% | "
             f"{100 * (wall - 1):+.1f}% | {100 * busy:.0f}% |"
         )
 

