@@ -17,6 +17,8 @@ Two parts (``PYTHONPATH=. python benchmarks/kfac_autoencoder.py``; ``--quick``: 
    factor-update steps (Gaussian of variance ½ for the squared error, categorical for the
    classifier, as in the K-FAC paper, arXiv:1503.05671), and once with the default empirical
    Fisher for comparison. Loss curves of the best configurations: ``results/kfac_autoencoder.png``.
+   ``--only KIND:lr[:damping[:fisher]] ...`` restricts the sweep (e.g. to the best configurations);
+   ``--mlp-max-steps`` / ``--mlp-eval-every`` set the deep MLP's own budget and evaluation grid.
 2. **Step time** of SGD + momentum vs K-FAC at (10, 100) on the digits CNN (batch 64) and the
    autoencoder (batch 512, sampled Fisher): plain loops in rotating order, ``--chunk`` steps per
    sample, each with its foreign CPU share (``common.ForeignCpu``; samples above
@@ -47,16 +49,32 @@ Problem = dict[str, Any]
 SWEEPS: dict[str, dict[str, list[tuple[float, float | None, str]]]] = {
     # optimizer -> [(lr, damping, fisher)]
     "autoencoder": {
-        "SGD+momentum": [(lr, None, "") for lr in (0.003, 0.01, 0.03)],
-        "Adam": [(lr, None, "") for lr in (1e-3, 3e-3, 1e-2)],
+        "SGD+momentum": [(lr, None, "") for lr in (0.003, 0.01, 0.03, 0.1)],
+        "Adam": [(lr, None, "") for lr in (1e-3, 2e-3, 3e-3, 5e-3, 1e-2)],
         "K-FAC+SGD": [(0.3, d, "sampled") for d in (0.01, 0.03, 0.1)] + [(0.3, 0.03, "empirical")],
     },
     "deep MLP": {
-        "SGD+momentum": [(lr, None, "") for lr in (0.03, 0.1, 0.3)],
+        "SGD+momentum": [(lr, None, "") for lr in (0.03, 0.1, 0.2)],
         "Adam": [(lr, None, "") for lr in (1e-3, 3e-3, 1e-2)],
-        "K-FAC+SGD": [(0.3, d, "sampled") for d in (0.01, 0.03, 0.1)] + [(0.3, 0.03, "empirical")],
+        "K-FAC+SGD": [(lr, d, "sampled") for lr in (0.1, 0.3) for d in (0.01, 0.1, 0.3)]
+        + [(0.3, 0.1, "empirical")],
     },
 }
+
+
+def selected(kind: str, lr: float, damping: float | None, fisher: str, only: list[str]) -> bool:
+    """Whether the configuration matches one of ``--only``'s ``KIND:lr[:damping[:fisher]]``."""
+
+    def close(want: str, have: float | None) -> bool:
+        return have is not None and abs(float(want) - have) <= 1e-9 * abs(have)
+
+    for spec in only:
+        name, *fields = spec.split(":") + ["", "", ""]
+        if (name == kind and (not fields[0] or close(fields[0], lr))
+                and (not fields[1] or close(fields[1], damping))
+                and (not fields[2] or fields[2] == fisher)):  # fmt: skip
+            return True
+    return not only
 
 
 def deep_mlp(seed: int) -> nn.Module:
@@ -85,9 +103,12 @@ def problems(args: argparse.Namespace) -> dict[str, Problem]:
 
     return {
         "autoencoder": dict(make=make_ae, x=xt, loss=sq, batch=512, target=args.ae_target,
-                            likelihood=("gaussian", 0.5)),
+                            likelihood=("gaussian", 0.5), max_steps=args.max_steps,
+                            eval_every=args.eval_every),
         "deep MLP": dict(make=deep_mlp, x=xt, loss=ce, batch=256, target=args.mlp_target,
-                         likelihood=("categorical", 1.0)),
+                         likelihood=("categorical", 1.0),
+                         max_steps=args.mlp_max_steps or args.max_steps,
+                         eval_every=args.mlp_eval_every or args.eval_every),
     }  # fmt: skip
 
 
@@ -134,11 +155,11 @@ def to_target(prob: Problem, kind: str, lr: float, damping: float | None, fisher
               seed: int, args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
     run = Trainer(prob, kind, lr, damping, fisher, seed)
     curve, train_s, hit = [(0, run.full_loss())], 0.0, None
-    for step in range(1, args.max_steps + 1):
+    for step in range(1, prob["max_steps"] + 1):
         start = time.perf_counter()
         run.step()
         train_s += time.perf_counter() - start
-        if step % args.eval_every == 0:
+        if step % prob["eval_every"] == 0:
             loss = run.full_loss()
             curve.append((step, loss))
             if loss <= prob["target"]:
@@ -160,9 +181,11 @@ def time_to_target(args: argparse.Namespace) -> dict[str, Any]:
     for name, prob in problems(args).items():
         if name not in args.problems:
             continue
-        out[name] = {"target": prob["target"], "optimizers": {}}
+        out[name] = {"target": prob["target"], "max_steps": prob["max_steps"],
+                     "eval_every": prob["eval_every"], "optimizers": {}}  # fmt: skip
         for kind, grid in SWEEPS[name].items():
             configs = []
+            grid = [g for g in grid if selected(kind, *g, args.only)]
             for lr, damping, fisher in grid[:2] if args.quick else grid:
                 runs = [to_target(prob, kind, lr, damping, fisher, s, args)
                         for s in range(args.seeds)]  # fmt: skip
@@ -177,7 +200,8 @@ def time_to_target(args: argparse.Namespace) -> dict[str, Any]:
                       f"{configs[-1]['median_steps']} steps, {configs[-1]['median_seconds']} s",
                       flush=True)  # fmt: skip
             configs.sort(key=lambda c: (c["median_seconds"] or float("inf"), c["final_loss"]))
-            out[name]["optimizers"][kind] = configs
+            if configs:
+                out[name]["optimizers"][kind] = configs
     return out
 
 
@@ -185,7 +209,7 @@ def target_markdown(result: dict[str, Any]) -> str:
     lines = []
     for name, block in result.items():
         best = {k: v[0] for k, v in block["optimizers"].items()}
-        adam = best["Adam"]
+        adam = best.get("Adam", {"median_steps": None, "median_seconds": None})
         lines += [f"\n**{name}**, target training loss {block['target']:g}\n",
                   "| optimizer | lr | damping | Fisher | seeds reaching | median steps | "
                   "median s | steps / Adam's | s / Adam's | median final loss |",
@@ -226,7 +250,8 @@ def figure(result: dict[str, Any], path: str) -> None:
                 ax.plot(steps, losses, color=colors[kind], alpha=0.8, lw=1.2,
                         label=label if i == 0 else None)  # fmt: skip
         ax.axhline(block["target"], color="k", ls=":", lw=1, label="target")
-        ax.set(yscale="log", xlabel="step", ylabel="training loss", title=name)
+        title = f"{name} (target {block['target']:g}, {len(c['runs'])} seeds)"
+        ax.set(yscale="log", xlabel="step", ylabel="training loss", title=title)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -349,6 +374,11 @@ def main() -> None:
     parser.add_argument("--mlp-target", type=float, default=0.1)
     parser.add_argument("--max-steps", type=int, default=2500)
     parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--mlp-max-steps", type=int, default=None, help="default: --max-steps")
+    parser.add_argument("--mlp-eval-every", type=int, default=None, help="default: --eval-every")
+    parser.add_argument("--only", nargs="+", default=[], metavar="KIND:lr[:damping[:fisher]]",
+                        help="restrict the sweep to these configurations, e.g. Adam:0.003 "
+                        "K-FAC+SGD:0.3:0.01:sampled SGD+momentum:0.03")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--chunk", type=int, default=100)
@@ -379,8 +409,9 @@ def main() -> None:
         payload["time_to_target"] = target
         path = save(name, payload, args.out)
         figure(target, str(path.with_suffix(".png")))
-        ae = {k: v[0] for k, v in target["autoencoder"]["optimizers"].items()}
-        if ae["K-FAC+SGD"]["median_steps"] and ae["Adam"]["median_steps"]:
+        ae = {k: v[0] for k, v in target.get("autoencoder", {}).get("optimizers", {}).items()}
+        both = {"K-FAC+SGD", "Adam"} <= set(ae)
+        if both and ae["K-FAC+SGD"]["median_steps"] and ae["Adam"]["median_steps"]:
             rs = ae["K-FAC+SGD"]["median_steps"] / ae["Adam"]["median_steps"]
             rt = ae["K-FAC+SGD"]["median_seconds"] / ae["Adam"]["median_seconds"]
             print(f"\ngoals (autoencoder): K-FAC/Adam steps {rs:.2f} <= 0.5 "
