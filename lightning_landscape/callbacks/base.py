@@ -29,6 +29,7 @@ decision) is created in ``setup`` and dropped in ``teardown`` (:mod:`.shared`).
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from collections.abc import Callable
@@ -181,11 +182,12 @@ class MeasurementCallback(Callback):
     def solve_key(self) -> tuple[Any, ...]:
         return (*self.probe_key, self.bn, self.dropout)
 
-    @property
-    @override
-    def state_key(self) -> str:
-        key = dict(family=self.family, name=self.name, probe_size=self.probe_size, bn=self.bn)
-        return f"{type(self).__qualname__}{key!r}"  # the form of Lightning's own state keys
+    @functools.cached_property
+    def state_key(self) -> str:  # in the form of Lightning's own keys; it reads it per hook call
+        return f"{type(self).__qualname__}{self.state_key_parts()!r}"
+
+    def state_key_parts(self) -> dict[str, Any]:
+        return dict(family=self.family, name=self.name, probe_size=self.probe_size, bn=self.bn)
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:

@@ -108,17 +108,15 @@ class SampleVarianceDecay(MeasurementCallback):
         self.last_result: SampleVariance | None = None
         self._last_profile_step: int | None = None
 
-    @property
     @override
-    def state_key(self) -> str:
-        key = dict(
+    def state_key_parts(self) -> dict[str, Any]:
+        return dict(
             family=self.family,
             name=self.name,
             probe_size=self.probe_size,
             bn=self.bn,
             modules=self.modules,
         )
-        return f"{type(self).__qualname__}{key!r}"  # the form of Lightning's own state keys
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -353,3 +353,13 @@ def test_two_budgeted_callbacks_sharing_solves_both_keep_measuring():
             len(log.series(f"landscape/{cb.family}/" + ("lambda_max" if cb is sharp else "eig_1")))
             >= 3
         )
+
+
+def test_state_key_keeps_the_checkpointed_form_and_is_computed_once():
+    # checkpoints written before the key was cached hold this exact key
+    cb = Sharpness()
+    expected = (
+        "Sharpness{'family': 'sharpness', 'name': 'sharpness', 'probe_size': 'auto', 'bn': 'eval'}"
+    )
+    assert cb.state_key == expected
+    assert cb.state_key is cb.state_key  # Lightning reads it around every hook call
