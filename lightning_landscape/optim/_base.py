@@ -16,12 +16,13 @@ gives them the torch.optim conventions in one place:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
 
 import torch
+
+from lightning_landscape.checks import check_number, check_that
 
 __all__ = [
     "LandscapeOptimizer",
@@ -42,41 +43,33 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
 
 
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        raise ValueError(f"`{name}` must be a real number, got {value!r}")
-    if isinstance(value, torch.Tensor) and value.numel() != 1:
-        raise ValueError(f"`{name}` must be a scalar, got a tensor of shape {tuple(value.shape)}")
-    out = float(value)
-    if math.isnan(out):
-        raise ValueError(f"`{name}` must not be NaN, got {value!r}")
-    return out
+def _real(name: str, value: Any) -> Any:
+    """``value``, or the number a one-element tensor holds (hyperparameters may be tensors)."""
+    if isinstance(value, torch.Tensor):
+        check_that(name, value, value.numel() == 1, "a number or a one-element tensor")
+        return float(value)
+    return value
 
 
 def check_nonneg(name: str, value: Any) -> None:
-    """Raise ``ValueError`` unless ``0 <= value < inf``."""
-    if not 0.0 <= _real(name, value) < math.inf:
-        raise ValueError(f"`{name}` must be >= 0 and finite, got {value!r}")
+    """Raise ``ValueError`` unless ``0 <= value < inf`` (a number or a one-element tensor)."""
+    check_number(name, _real(name, value), include_low=True)
 
 
 def check_positive(name: str, value: Any) -> None:
-    """Raise ``ValueError`` unless ``0 < value < inf``."""
-    if not 0.0 < _real(name, value) < math.inf:
-        raise ValueError(f"`{name}` must be > 0 and finite, got {value!r}")
+    """Raise ``ValueError`` unless ``0 < value < inf`` (a number or a one-element tensor)."""
+    check_number(name, _real(name, value))
 
 
 def check_beta(name: str, value: Any, *, closed: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` lies in ``[0, 1)`` (``[0, 1]`` if ``closed``)."""
-    v = _real(name, value)
-    if not (0.0 <= v <= 1.0 if closed else 0.0 <= v < 1.0):
-        interval = "[0, 1]" if closed else "[0, 1)"
-        raise ValueError(f"`{name}` must be in {interval}, got {value!r}")
+    check_number(name, _real(name, value), high=1.0, include_low=True, include_high=closed)
 
 
 def check_betas(value: Any) -> None:
     """Raise ``ValueError`` unless ``value`` is a pair of numbers in ``[0, 1)``."""
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"`betas` must be a pair (beta1, beta2), got {value!r}")
+    pair = isinstance(value, (tuple, list)) and len(value) == 2
+    check_that("betas", value, pair, "a pair (beta1, beta2)")
     check_beta("betas[0]", value[0])
     check_beta("betas[1]", value[1])
 
