@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import faulthandler
 import multiprocessing
+import os
 import sys
 import threading
 import time
@@ -128,11 +129,26 @@ def gloo_group(rank: int, world: int, folder: str) -> Iterator[None]:
         faulthandler.cancel_dump_traceback_later()
 
 
+def run_and_exit(rank: int, fn: Callable[..., None], *args: Any) -> None:
+    """In a spawned child: ``fn(rank, *args)``, then leave at once with exit code 0.
+
+    A child that returns normally tears the interpreter down, and with it gloo's C++ objects;
+    one of them sometimes still owned a running thread and aborted the process ("terminate
+    called without an active exception", SIGABRT, about 1 run in 10 even after a barrier) or
+    hung it at exit. The results are written (and the group left) before this point, so
+    skipping that teardown loses nothing. An exception still propagates: torch's spawn wrapper
+    reports it and exits with 1."""
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn(fn: Callable[..., None], args: tuple[Any, ...], world: int) -> None:
     """Run ``fn(rank, *args)`` on ``world`` spawned processes; fail on error or deadlock."""
     start = time.monotonic()
     ctx = torch.multiprocessing.start_processes(
-        fn, args=args, nprocs=world, join=False, start_method=START
+        run_and_exit, args=(fn, *args), nprocs=world, join=False, start_method=START
     )
     while not ctx.join(timeout=0.5):  # raises if a child raised
         if time.monotonic() - start > TIMEOUT:

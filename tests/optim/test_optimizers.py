@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 from lightning_landscape.optim import ARSG, RSG, NovoGrad, stability_of
 
+from ..ddp_workers import run_and_exit
+
 DT = torch.float64
 Factory = Callable[..., torch.optim.Optimizer]
 # name -> (class, hyperparameters); several configurations per optimizer of the package
@@ -353,8 +355,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
 def test_ddp_two_processes_equal_one_process_on_the_union(tmp_path: Path) -> None:
     world = 2
     ctx = torch.multiprocessing.start_processes(
-        _ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-        join=False, start_method="spawn",
+        run_and_exit, args=(_ddp_worker, world, str(tmp_path / "init"), str(tmp_path)),
+        nprocs=world, join=False, start_method="spawn",
     )  # fmt: skip
     start = time.monotonic()
     while not ctx.join(timeout=0.5):  # raises if a child raised
