@@ -305,11 +305,17 @@ def _rows(samples: dict[str, list[tuple[float, float]]], max_foreign: float) -> 
     }  # fmt: skip
 
 
-def lightning_times(args: argparse.Namespace, which: str) -> dict[str, Any]:
+def lightning_step_time(
+    args: argparse.Namespace, which: str, activation: str, kfac: dict[str, Any] | None
+) -> tuple[float, float]:
+    """One Lightning fit of ``which`` (``"cnn"`` or the autoencoder), with the ``KFAC()``
+    callback at (10, 100) and the ``kfac`` keywords unless ``None``: the mean seconds per
+    training batch after ``args.warmup`` steps and the median foreign CPU share."""
     import lightning.pytorch as pl
 
     from lightning_landscape.callbacks.kfac import KFAC
     from lightning_landscape.zoo import (
+        Autoencoder,
         Classifier,
         DigitsDataModule,
         DigitsReconstructionDataModule,
@@ -328,26 +334,32 @@ def lightning_times(args: argparse.Namespace, which: str) -> dict[str, Any]:
             read = self.clock.read()
             self.times.append((read["wall"], read["share"]))
 
+    clock = Clock()
+    torch.manual_seed(0)
+    if which == "cnn":
+        model: pl.LightningModule = Classifier(SmallCNN(channels=(16, 32)), lr=0.02)
+        data: pl.LightningDataModule = DigitsDataModule(batch_size=64, flatten=False)
+    else:
+        model = Reconstruction(Autoencoder(activation=activation), lr=0.3)
+        data = DigitsReconstructionDataModule(batch_size=512)
+    callbacks: list[pl.Callback] = [clock]
+    if kfac is not None:
+        callbacks.append(
+            KFAC(damping=0.03, factor_update_every=10, inverse_update_every=100, **kfac)
+        )
+    trainer = pl.Trainer(
+        max_steps=args.warmup + args.chunk, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, callbacks=callbacks,
+    )  # fmt: skip
+    trainer.fit(model, data)
+    kept = clock.times[args.warmup :]
+    return sum(t for t, _ in kept) / len(kept), statistics.median(s for _, s in kept)
+
+
+def lightning_times(args: argparse.Namespace, which: str) -> dict[str, Any]:
     def fit(kfac: bool) -> tuple[float, float]:
-        clock = Clock()
-        torch.manual_seed(0)
-        if which == "cnn":
-            model: pl.LightningModule = Classifier(SmallCNN(channels=(16, 32)), lr=0.02)
-            data: pl.LightningDataModule = DigitsDataModule(batch_size=64, flatten=False)
-        else:
-            model = Reconstruction(Autoencoder(activation=args.activation), lr=0.3)
-            data = DigitsReconstructionDataModule(batch_size=512)
-        callbacks: list[pl.Callback] = [clock]
-        if kfac:
-            callbacks.append(KFAC(damping=0.03, factor_update_every=10, inverse_update_every=100))
-        trainer = pl.Trainer(
-            max_steps=args.warmup + args.chunk, accelerator="cpu", logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            limit_val_batches=0, callbacks=callbacks,
-        )  # fmt: skip
-        trainer.fit(model, data)
-        kept = clock.times[args.warmup :]
-        return sum(t for t, _ in kept) / len(kept), statistics.median(s for _, s in kept)
+        return lightning_step_time(args, which, args.activation, {} if kfac else None)
 
     samples: dict[str, list[tuple[float, float]]] = {"SGD+momentum": [], "K-FAC (10, 100)": []}
     for rep in range(args.lightning_repeats):

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from common import ForeignCpu, cnn, describe, digits, machine, save, setup_threads
-from kfac_autoencoder import Trainer, problems
+from kfac_autoencoder import Trainer, lightning_step_time, problems
 from torch.nn import functional as F
 
 CONFIGS: dict[str, dict[str, Any]] = {  # label -> KFACPreconditioner keywords
@@ -83,50 +83,9 @@ def plain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def lightning(args: argparse.Namespace, which: str) -> dict[str, Any]:
-    import lightning.pytorch as pl
-
-    from lightning_landscape.callbacks.kfac import KFAC
-    from lightning_landscape.zoo import (
-        Autoencoder,
-        Classifier,
-        DigitsDataModule,
-        DigitsReconstructionDataModule,
-        Reconstruction,
-        SmallCNN,
-    )
-
-    class Clock(pl.Callback):
-        def __init__(self) -> None:
-            self.times: list[tuple[float, float]] = []
-
-        def on_train_batch_start(self, *a: Any) -> None:
-            self.clock = ForeignCpu()
-
-        def on_train_batch_end(self, *a: Any) -> None:
-            read = self.clock.read()
-            self.times.append((read["wall"], read["share"]))
-
     def fit(mode: str | None) -> tuple[float, float]:
-        clock = Clock()
-        torch.manual_seed(0)
-        if which == "cnn":
-            model: pl.LightningModule = Classifier(SmallCNN(channels=(16, 32)), lr=0.02)
-            data: pl.LightningDataModule = DigitsDataModule(batch_size=64, flatten=False)
-        else:
-            model = Reconstruction(Autoencoder(activation="tanh"), lr=0.3)
-            data = DigitsReconstructionDataModule(batch_size=512)
-        callbacks: list[pl.Callback] = [clock]
-        if mode is not None:
-            callbacks.append(KFAC(damping=0.03, factor_update_every=10,
-                                  inverse_update_every=100, damping_mode=mode))  # fmt: skip
-        trainer = pl.Trainer(
-            max_steps=args.warmup + args.chunk, accelerator="cpu", logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            limit_val_batches=0, callbacks=callbacks,
-        )  # fmt: skip
-        trainer.fit(model, data)
-        kept = clock.times[args.warmup :]
-        return sum(t for t, _ in kept) / len(kept), statistics.median(s for _, s in kept)
+        kfac = None if mode is None else {"damping_mode": mode}
+        return lightning_step_time(args, which, "tanh", kfac)
 
     modes = {"SGD+momentum": None, "K-FAC exact": "exact", "K-FAC pi": "pi"}
     samples: dict[str, list[tuple[float, float]]] = {n: [] for n in modes}

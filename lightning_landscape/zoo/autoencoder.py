@@ -29,7 +29,9 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from lightning_landscape.checks import check_choice
 from lightning_landscape.zoo.data import DigitsDataModule
+from lightning_landscape.zoo.modules import check_sgd_module
 
 __all__ = ["Autoencoder", "DigitsReconstructionDataModule", "Reconstruction"]
 
@@ -95,14 +97,8 @@ class Reconstruction(LightningModule):
         fisher: Literal["sampled", "empirical"] = "sampled",
     ) -> None:
         super().__init__()
-        if not isinstance(net, nn.Module):
-            raise ValueError(f"`net` must be a torch.nn.Module, got {type(net).__name__}")
-        if not lr > 0:
-            raise ValueError(f"`lr` must be > 0, got {lr!r}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
-        if fisher not in ("sampled", "empirical"):
-            raise ValueError(f"`fisher` must be 'sampled' or 'empirical', got {fisher!r}")
+        check_sgd_module(net, lr, momentum)
+        check_choice("fisher", fisher, ("sampled", "empirical"))
         self.net, self.lr, self.momentum, self.fisher = net, lr, momentum, fisher
         self.save_hyperparameters(ignore=["net"])
 

@@ -26,9 +26,18 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
+from lightning_landscape.checks import check_number, check_that
+
 __all__ = ["Classifier", "Regressor", "ClassificationLoss"]
 
 ClassificationLoss = Literal["cross_entropy", "mse"]
+
+
+def check_sgd_module(net: Any, lr: Any, momentum: Any) -> None:
+    """The arguments every zoo module takes: a network and SGD's ``lr`` and ``momentum``."""
+    check_that("net", type(net).__name__, isinstance(net, nn.Module), "a torch.nn.Module")
+    check_number("lr", lr)
+    check_number("momentum", momentum, high=1.0, include_low=True)
 
 
 class _SupervisedModule(LightningModule):
@@ -36,12 +45,7 @@ class _SupervisedModule(LightningModule):
 
     def __init__(self, net: nn.Module, *, lr: float, momentum: float) -> None:
         super().__init__()
-        if not isinstance(net, nn.Module):
-            raise ValueError(f"`net` must be a torch.nn.Module, got {type(net).__name__}")
-        if not lr > 0:
-            raise ValueError(f"`lr` must be > 0, got {lr!r}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
+        check_sgd_module(net, lr, momentum)
         self.net = net
         self.lr = lr
         self.momentum = momentum
