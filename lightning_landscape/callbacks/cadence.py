@@ -49,6 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning_landscape.callbacks.plan import EARLY_FRACTION, planned_steps
+from lightning_landscape.checks import check_int, check_number, check_that
 
 __all__ = ["COLD_FACTOR", "WARMUP_STEPS", "Cadence"]
 
@@ -75,29 +76,13 @@ class Cadence:
         min_points: int = 16,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if not isinstance(min_points, int) or isinstance(min_points, bool) or min_points < 1:
-            raise ValueError(f"`min_points` must be a positive integer, got {min_points!r}")
-        self.min_points = min_points
-        if every_n_steps is not None and (
-            not isinstance(every_n_steps, int)
-            or isinstance(every_n_steps, bool)
-            or every_n_steps < 1
-        ):
-            raise ValueError(
-                f"`every_n_steps` must be a positive integer or None, got {every_n_steps!r}"
-            )
-        if schedule is not None and not callable(schedule):
-            raise ValueError(
-                f"`schedule` must be a callable step -> bool or None, got {schedule!r}"
-            )
+        self.min_points = check_int("min_points", min_points)
+        check_int("every_n_steps", every_n_steps, none=True)
+        ok = schedule is None or callable(schedule)
+        check_that("schedule", schedule, ok, "a callable step -> bool or None")
         if every_n_steps is not None and schedule is not None:
             raise ValueError("give at most one of `every_n_steps` and `schedule`")
-        if max_overhead is not None and (
-            isinstance(max_overhead, bool)
-            or not isinstance(max_overhead, (int, float))
-            or not 0.0 < max_overhead < 1.0
-        ):
-            raise ValueError(f"`max_overhead` must be a number in (0, 1), got {max_overhead!r}")
+        check_number("max_overhead", max_overhead, high=1.0, none=True)
         if every_n_steps is None and schedule is None and max_overhead is None:
             raise ValueError("one of `every_n_steps`, `schedule` or `max_overhead` must be set")
         self.every_n_steps = every_n_steps
